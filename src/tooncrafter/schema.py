@@ -1,0 +1,125 @@
+"""The endpoint contract of `fal-ai/toon-crafter`: request and response models.
+
+These pydantic models are the API documentation (OpenAPI) and the single place where input rules
+live: every violation becomes a 422 naming the field before any work is queued, and the CLI maps
+the same errors to exit code 2.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_KEYFRAMES = 16
+MAX_SEED = 2**32 - 1
+# The temporal length of the released 512 model; a service running another checkpoint
+# re-checks `keyframe_lengths` against its own model (see `check_keyframe_lengths`).
+DEFAULT_NUM_FRAMES = 16
+
+EXAMPLE_KEYFRAMES = [
+    "https://storage.googleapis.com/falserverless/web-examples/tooncrafter/image-1.png",
+    "https://storage.googleapis.com/falserverless/web-examples/tooncrafter/image-2.png",
+    "https://storage.googleapis.com/falserverless/web-examples/tooncrafter/image-3.png",
+]
+
+
+class ToonCrafterInput(BaseModel):
+    """Input of the `fal-ai/toon-crafter` endpoint (same names, defaults and ranges as fal's)."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "A army general swings his arm",
+                    "keyframe_image_urls": EXAMPLE_KEYFRAMES,
+                }
+            ]
+        },
+    )
+
+    keyframe_image_urls: list[str] = Field(
+        ...,
+        min_length=2,
+        max_length=MAX_KEYFRAMES,
+        description=(
+            "The keyframes to interpolate between, in order: 2 to 16 images, each an http(s) URL, a "
+            "`data:` URI (base64) or a URL of this server's own storage. Two keyframes give the official "
+            "ToonCrafter pipeline; more are interpolated pair by pair (see keyframe_lengths)."
+        ),
+    )
+    prompt: str = Field("", max_length=2000, description="Text describing the motion; empty means no text guidance.")
+    steps: int = Field(50, ge=1, le=100, description="Number of DDIM denoising steps.")
+    cfg_scale: float = Field(
+        7.5, ge=1.0, le=30.0, description="Classifier-free guidance scale; 1.0 disables the unconditional pass."
+    )
+    eta: float = Field(1.0, ge=0.0, le=1.0, description="DDIM stochasticity: 0 is deterministic DDIM, 1 is ancestral-like.")
+    motion_steps: int = Field(
+        10,
+        ge=1,
+        le=100,
+        description="The model's frame-stride (fs) condition: lower values give more motion between keyframes.",
+    )
+    fps: int = Field(8, ge=1, le=60, description="Frames per second of the output video.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Random seed; the same seed and inputs give the same video. Random when absent."
+    )
+    keyframe_lengths: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        description=(
+            "Frames per keyframe when their runs are laid end to end: one entry per keyframe, each >= 1, summing "
+            "to the model's temporal length (16). It places keyframe i on the output frame at the centre of its run "
+            "(scaled so the first and last keyframes are the first and last frames). With two keyframes it cannot "
+            "change the result (the model pins only the first and last frame)."
+        ),
+    )
+    keep_all_frames: bool = Field(
+        False,
+        description=(
+            "Extension (not in fal's schema): with more than two keyframes, keep every frame of every pair's window "
+            "instead of fitting the clip into 16 frames: (N-1)*15+1 frames."
+        ),
+    )
+
+    @field_validator("keyframe_image_urls")
+    @classmethod
+    def _non_empty_urls(cls, urls: list[str]) -> list[str]:
+        for i, url in enumerate(urls):
+            if not isinstance(url, str) or not url.strip():
+                raise ValueError(f"keyframe {i} is empty")
+        return [u.strip() for u in urls]
+
+    @model_validator(mode="after")
+    def _lengths_match_keyframes(self) -> "ToonCrafterInput":
+        if self.keyframe_lengths is not None:
+            check_keyframe_lengths(self.keyframe_lengths, len(self.keyframe_image_urls), DEFAULT_NUM_FRAMES)
+        return self
+
+
+def check_keyframe_lengths(lengths: list[int], num_keyframes: int, num_frames: int) -> None:
+    """Raise ValueError unless `lengths` has one entry >= 1 per keyframe and sums to `num_frames`."""
+    if len(lengths) != num_keyframes:
+        raise ValueError(
+            f"keyframe_lengths has {len(lengths)} entries but there are {num_keyframes} keyframes (one length per keyframe)"
+        )
+    if any(n < 1 for n in lengths):
+        raise ValueError("every keyframe_lengths entry must be >= 1")
+    if sum(lengths) != num_frames:
+        raise ValueError(f"keyframe_lengths must sum to the model temporal length {num_frames}, got {sum(lengths)}")
+
+
+class File(BaseModel):
+    """A file the service stores and serves (fal's `File`)."""
+
+    url: str = Field(..., description="Where to download the file.")
+    content_type: str = Field("video/mp4", description="MIME type of the file.")
+    file_name: str = Field(..., description="File name.")
+    file_size: int = Field(..., ge=0, description="Size in bytes.")
+
+
+class ToonCrafterOutput(BaseModel):
+    """Output of the endpoint: the video and the seed that made it."""
+
+    video: File
+    seed: int = Field(..., ge=0, le=MAX_SEED, description="The seed used; pass it back to reproduce the video.")
