@@ -1,0 +1,307 @@
+"""`tooncrafter parity`: run every stage a fixture directory has inputs for and compare with it.
+
+Each stage names the fixture tensors it reads; a stage whose inputs the fixture lacks (or that needs
+CLIP towers the checkpoint does not have) is reported as skipped, never failed and never faked.
+The computed tensors are kept under the fixture's own key names for `--dump`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from tooncrafter.fixtures import (
+    GUIDED_TOLERANCE,
+    PIPELINE_TOLERANCE,
+    SCHEDULE_TOLERANCE,
+    Comparison,
+    FixtureSet,
+    compare,
+    skipped,
+)
+from tooncrafter.media import preprocess_keyframe
+from tooncrafter.model.checkpoint import read_state_dict
+from tooncrafter.model.loader import ToonCrafterComponents, load_components
+from tooncrafter.pipeline import GuidanceRecord, ToonCrafterPipeline
+from tooncrafter.sampling import DDIMStepOutput, ddim_schedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ParityReport:
+    rows: list[Comparison] = field(default_factory=list)
+    computed: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed or r.skipped for r in self.rows)
+
+    def check(self, name: str, ours: torch.Tensor, ref: torch.Tensor, tolerance: float | None = None) -> None:
+        self.computed[name] = ours.detach().cpu().contiguous()
+        self.rows.append(compare(name, ours, ref, tolerance))
+
+    def skip(self, names: list[str], reason: str) -> None:
+        self.rows.extend(skipped(n, reason) for n in names)
+
+
+class _Stages:
+    """The stages, sharing one set of loaded components."""
+
+    def __init__(self, fixtures: FixtureSet, components: ToonCrafterComponents, report: ParityReport) -> None:
+        self.f = fixtures
+        self.c = components
+        self.report = report
+        self.pipeline = ToonCrafterPipeline(components, device="cpu", dtype=torch.float32)
+
+    def _needs(self, inputs: list[str], outputs: list[str], clip: bool = False) -> bool:
+        present_outputs = [o for o in outputs if o in self.f.tensors]
+        missing = [i for i in inputs if i not in self.f.tensors]
+        if missing:
+            self.report.skip(present_outputs or outputs, f"fixture lacks {', '.join(missing)}")
+            return False
+        if clip and not self.c.has_clip:
+            self.report.skip(present_outputs or outputs, "checkpoint has no CLIP towers")
+            return False
+        return True
+
+    def unet(self) -> None:
+        f = self.f
+        names = ["unet_x_noisy", "unet_c_concat", "unet_timesteps", "unet_context", "unet_fs"]
+        if not self._needs(names, ["unet_out", "unet_out_fs_default_batch1"]):
+            return
+        x = torch.cat([f["unet_x_noisy"], f["unet_c_concat"]], dim=1)
+        with torch.no_grad():
+            out = self.c.unet(x, f["unet_timesteps"], f["unet_context"], f["unet_fs"])
+            self.report.check("unet_out", out, f["unet_out"])
+            if "unet_out_fs_default_batch1" in f.tensors:
+                one = self.c.unet(x[1:2], f["unet_timesteps"][1:2], f["unet_context"][1:2], None)
+                self.report.check("unet_out_fs_default_batch1", one, f["unet_out_fs_default_batch1"])
+
+    def vae(self) -> None:
+        f = self.f
+        outputs = [k for k in f.tensors if k.startswith("vae_enc_") and k != "vae_enc_noise"]
+        if not self._needs(["pipe_keyframe_1", "pipe_keyframe_2"], outputs + ["vae_dec_out"]):
+            return
+        scale = self.c.config.diffusion.scale_factor
+        with torch.no_grad():
+            enc = self.c.vae.encode(torch.cat([f["pipe_keyframe_1"], f["pipe_keyframe_2"]]))
+            ours = {
+                "vae_enc_moments": enc.moments,
+                "vae_enc_mean": enc.mean,
+                "vae_enc_logvar_clamped": enc.logvar,
+                "vae_enc_std": enc.std,
+                "vae_enc_z_mode_scaled": scale * enc.mode(),
+            }
+            if "vae_enc_noise" in f.tensors:
+                ours["vae_enc_z_scaled"] = scale * enc.sample(f["vae_enc_noise"])
+            for i, hidden in enumerate(enc.hidden_states):
+                ours[f"vae_enc_hidden_{i}"] = hidden
+            for name in sorted(ours):
+                if name in f.tensors:
+                    self.report.check(name, ours[name], f[name])
+            if "vae_dec_z" in f.tensors and "vae_dec_out" in f.tensors:
+                refs = [torch.stack([h[0:1], h[1:2]], dim=2) for h in enc.hidden_states]
+                out = self.c.vae.decode(f["vae_dec_z"] / scale, refs, chunk_frames=self.c.config.num_frames)
+                self.report.check("vae_dec_out", out, f["vae_dec_out"])
+
+    def resampler(self) -> None:
+        if not self._needs(["resampler_in"], ["resampler_out"]):
+            return
+        with torch.no_grad():
+            self.report.check("resampler_out", self.c.resampler(self.f["resampler_in"]), self.f["resampler_out"])
+
+    def clip_text(self) -> None:
+        f = self.f
+        prompts = f.meta.get("clip_text_prompts")
+        outputs = ["clip_text_tokens", "clip_text_out"]
+        if prompts is None:
+            self.report.skip(outputs, "fixture meta lacks clip_text_prompts")
+            return
+        if not self._needs([], outputs, clip=True):
+            return
+        encoder = self.c.text_encoder
+        tokens = encoder.tokenize(list(prompts))
+        if "clip_text_tokens" in f.tensors:
+            self.report.check("clip_text_tokens", tokens, f["clip_text_tokens"])
+        if "clip_text_out" in f.tensors:
+            with torch.no_grad():
+                self.report.check("clip_text_out", encoder(tokens), f["clip_text_out"])
+
+    def clip_image(self) -> None:
+        f = self.f
+        outputs = ["clip_image_preprocessed_0", "clip_image_tokens"]
+        if not self._needs(["pipe_keyframe_1", "pipe_keyframe_2"], outputs, clip=True):
+            return
+        encoder = self.c.image_encoder
+        images = torch.cat([f["pipe_keyframe_1"], f["pipe_keyframe_2"], torch.zeros_like(f["pipe_keyframe_1"])])
+        with torch.no_grad():
+            if "clip_image_preprocessed_0" in f.tensors:
+                self.report.check("clip_image_preprocessed_0", encoder.preprocess(images[:1]), f["clip_image_preprocessed_0"])
+            if "clip_image_tokens" in f.tensors:
+                self.report.check("clip_image_tokens", encoder(images), f["clip_image_tokens"])
+
+    def preprocessing(self) -> None:
+        f = self.f
+        if not self._needs(["preproc_src_uint8_hwc"], ["pipe_keyframe_1", "pipe_keyframe_2"]):
+            return
+        height, width = self.c.config.pixel_size
+        for i in range(f["preproc_src_uint8_hwc"].shape[0]):
+            name = f"pipe_keyframe_{i + 1}"
+            if name in f.tensors:
+                ours = preprocess_keyframe(Image.fromarray(f["preproc_src_uint8_hwc"][i].numpy()), height, width)
+                self.report.check(name, ours.unsqueeze(0), f[name])
+
+    def pipeline_runs(self) -> None:
+        f = self.f
+        runs = sorted({k.split("_")[1] for k in f.tensors if k.startswith("pipe_eta") and "_step" in k})
+        required = ["pipe_keyframe_1", "pipe_keyframe_2", "pipe_x_T", "pipe_vae_posterior_noise"]
+        pipe_outputs = [k for k in f.tensors if k.startswith("pipe_") and k not in required and not k.startswith("pipe_keyframe")]
+        if not self._needs(required, pipe_outputs):
+            return
+        have_clip = self.c.has_clip
+        if not have_clip and not f.has("pipe_text_emb_cond", "pipe_text_emb_uncond", "pipe_clip_image_tokens_cond", "pipe_clip_image_tokens_uncond"):
+            self.report.skip(pipe_outputs, "no CLIP towers and the fixture lacks the pipeline embeddings")
+            return
+        prompt = f.meta.get("pipeline_prompt", "")
+        fs_value = int(f["pipe_fs"][0]) if "pipe_fs" in f.tensors else 10
+        frames = self.c.config.num_frames
+        pixels = torch.cat([f["pipe_keyframe_1"], f["pipe_keyframe_2"]])
+        noise = f["pipe_vae_posterior_noise"]
+        posterior_noise = noise[[0, frames - 1]]
+        text = None if have_clip else (f["pipe_text_emb_cond"], f["pipe_text_emb_uncond"])
+        tokens = None if have_clip else (f["pipe_clip_image_tokens_cond"], f["pipe_clip_image_tokens_uncond"])
+
+        shared_done = False
+        for run in runs:  # "eta0", "eta1"
+            eta = float(run[3:])
+            steps = len([k for k in f.tensors if k.startswith(f"pipe_{run}_step") and k.endswith("_x_prev")])
+            step_noise = [f[f"pipe_{run}_step{i}_noise"] for i in range(steps)] if f.has(f"pipe_{run}_step0_noise") else None
+            if eta > 0 and step_noise is None:
+                self.report.skip([k for k in pipe_outputs if k.startswith(f"pipe_{run}_")], "fixture lacks the step noise")
+                continue
+            record: dict[str, torch.Tensor] = {}
+            guidance: list[GuidanceRecord] = []
+            steps_out: list[DDIMStepOutput] = []
+            video = self.pipeline.interpolate(
+                pixels, prompt=prompt, steps=steps, cfg_scale=7.5, eta=eta, motion_steps=fs_value,
+                posterior_noise=posterior_noise, x_T=f["pipe_x_T"],
+                step_noise=step_noise if step_noise is not None else [torch.zeros_like(f["pipe_x_T"])] * steps,
+                text_embeddings=text, clip_image_tokens=tokens,
+                guidance_callback=guidance.append, step_callback=steps_out.append, record=record,
+            )
+            if not shared_done:
+                shared_done = True
+                self._shared_pipeline_checks(record, noise)
+            self._schedule_checks(run, steps, eta)
+            for i, (g, s) in enumerate(zip(guidance, steps_out)):
+                prefix = f"pipe_{run}_step{i}_"
+                ours = {
+                    "t": torch.tensor([s.t]), "v_cond": g.v_cond, "v_uncond": g.v_uncond, "v_cfg": g.v_cfg,
+                    "v_guided": g.v_guided, "pred_x0": s.x0, "x_prev": s.x_prev,
+                }
+                for key, value in ours.items():
+                    name = prefix + key
+                    if name in f.tensors and value is not None:
+                        tol = GUIDED_TOLERANCE if key in ("v_cfg", "v_guided") else PIPELINE_TOLERANCE
+                        self.report.check(name, value, f[name], None if key == "t" else tol)
+            name = f"pipe_{run}_video_out"
+            if name in f.tensors:
+                self.report.check(name, video[0], f[name], PIPELINE_TOLERANCE)
+
+    def _shared_pipeline_checks(self, record: dict[str, torch.Tensor], posterior_noise: torch.Tensor) -> None:
+        f = self.f
+        frames = self.c.config.num_frames
+        if "pipe_z_all_frames" in f.tensors:
+            # the official code encodes all T frames (key 1 repeated T/2 times, then key 2); the encoder is per
+            # frame, so encoding the two distinct keyframes once and sampling with each frame's noise is the same
+            with torch.no_grad():
+                enc = self.c.vae.encode(torch.cat([f["pipe_keyframe_1"], f["pipe_keyframe_2"]]))
+            which = torch.tensor([0] * (frames // 2) + [1] * (frames - frames // 2))
+            z = self.c.config.diffusion.scale_factor * (enc.mean[which] + enc.std[which] * posterior_noise)
+            self.report.check("pipe_z_all_frames", z.permute(1, 0, 2, 3).unsqueeze(0), f["pipe_z_all_frames"], PIPELINE_TOLERANCE)
+        mapping = {
+            "pipe_c_concat": "c_concat",
+            "pipe_text_emb_cond": "text_emb_cond",
+            "pipe_text_emb_uncond": "text_emb_uncond",
+            "pipe_resampler_out_cond": "resampler_out_cond",
+            "pipe_resampler_out_uncond": "resampler_out_uncond",
+            "pipe_context_cond": "context_cond",
+            "pipe_context_uncond": "context_uncond",
+        }
+        for fixture_name, key in mapping.items():
+            if fixture_name in f.tensors and key in record:
+                self.report.check(fixture_name, record[key], f[fixture_name], PIPELINE_TOLERANCE)
+        if not self.c.has_clip:
+            given = ["pipe_text_emb_cond", "pipe_text_emb_uncond", "pipe_clip_image_tokens_cond", "pipe_clip_image_tokens_uncond"]
+            self.report.skip([n for n in given if n in f.tensors], "used as input: the checkpoint has no CLIP towers")
+        else:
+            with torch.no_grad():
+                for suffix, image in (("cond", f["pipe_keyframe_1"]), ("uncond", torch.zeros_like(f["pipe_keyframe_1"]))):
+                    name = f"pipe_clip_image_tokens_{suffix}"
+                    if name in f.tensors:
+                        self.report.check(name, self.c.image_encoder(image), f[name], PIPELINE_TOLERANCE)
+
+    def _schedule_checks(self, run: str, steps: int, eta: float) -> None:
+        f = self.f
+        plan = ddim_schedule(self.pipeline.schedule, steps, eta)
+        ascending = {
+            "ddim_timesteps": plan.timesteps.flip(0),
+            "ddim_alphas": plan.alphas.flip(0),
+            "ddim_alphas_prev": plan.alphas_prev.flip(0),
+            "ddim_sigmas": plan.sigmas.flip(0),
+            "ddim_scale_arr": plan.scale_arr.flip(0),
+            "ddim_scale_arr_prev": plan.scale_arr_prev.flip(0),
+        }
+        for key, value in ascending.items():
+            name = f"pipe_{run}_sched_{key}"
+            if name in f.tensors:
+                self.report.check(name, value, f[name], None if key == "ddim_timesteps" else SCHEDULE_TOLERANCE)
+
+
+STAGES: tuple[Callable[[_Stages], None], ...] = (
+    _Stages.unet,
+    _Stages.vae,
+    _Stages.resampler,
+    _Stages.clip_text,
+    _Stages.clip_image,
+    _Stages.preprocessing,
+    _Stages.pipeline_runs,
+)
+
+
+def run_parity(fixture_dir: str | Path, *, dump: str | Path | None = None) -> ParityReport:
+    """Load the fixture's own config and checkpoint, run every stage, optionally dump what was computed."""
+    fixtures = FixtureSet.load(fixture_dir)
+    state = read_state_dict(fixtures.checkpoint_path)
+    components = load_components(fixtures.config, state, device="cpu", dtype=torch.float32)
+    report = ParityReport()
+    stages = _Stages(fixtures, components, report)
+    for stage in STAGES:
+        stage(stages)
+    if dump is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in report.computed.items()}, str(dump))
+    return report
+
+
+def format_report(rows: list[Comparison]) -> str:
+    """A fixed-width table: tensor, shape, max abs error, tolerance, verdict."""
+    lines = [f"{'tensor':<40} {'shape':<22} {'max abs err':>12} {'tolerance':>10}  result", "-" * 96]
+    for r in rows:
+        if r.skipped:
+            lines.append(f"{r.name:<40} {'':<22} {'':>12} {'':>10}  skipped ({r.skipped})")
+            continue
+        verdict = "ok" if r.passed else "FAIL"
+        lines.append(f"{r.name:<40} {str(list(r.shape)):<22} {r.max_abs_error:>12.3e} {r.tolerance:>10.1e}  {verdict}")
+    failed = sum(1 for r in rows if not r.passed and not r.skipped)
+    skipped_count = sum(1 for r in rows if r.skipped)
+    lines.append("-" * 96)
+    lines.append(f"parity: {len(rows) - failed - skipped_count} within tolerance, {failed} over, {skipped_count} skipped")
+    return "\n".join(lines)
