@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_KEYFRAMES = 16
 MAX_SEED = 2**32 - 1
@@ -90,11 +90,16 @@ class ToonCrafterInput(BaseModel):
                 raise ValueError(f"keyframe {i} is empty")
         return [u.strip() for u in urls]
 
-    @model_validator(mode="after")
-    def _lengths_match_keyframes(self) -> "ToonCrafterInput":
-        if self.keyframe_lengths is not None:
-            check_keyframe_lengths(self.keyframe_lengths, len(self.keyframe_image_urls), DEFAULT_NUM_FRAMES)
-        return self
+    @field_validator("keyframe_lengths")
+    @classmethod
+    def _lengths_match_keyframes(cls, lengths: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        # a field validator (not a model one) so that the 422 and the CLI error name `keyframe_lengths`
+        # the frame count is the loaded model's: pass it as validation context {"num_frames": T}
+        urls = info.data.get("keyframe_image_urls")
+        num_frames = (info.context or {}).get("num_frames", DEFAULT_NUM_FRAMES)
+        if lengths is not None and urls is not None:
+            check_keyframe_lengths(lengths, len(urls), num_frames)
+        return lengths
 
 
 def check_keyframe_lengths(lengths: list[int], num_keyframes: int, num_frames: int) -> None:

@@ -1,0 +1,254 @@
+"""`tooncrafter` command line: generate, parity, convert, serve, worker.
+
+Heavy imports (torch, the model, the service) happen inside each command so that `--help` and
+input errors answer at once. Bad input exits with code 2 and one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 6,5,5, got {text!r}") from None
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        help="model.ckpt / .safetensors file, or a directory with model.ckpt + config.yaml "
+        "(default: TOONCRAFTER_CHECKPOINT, else the Hugging Face repo Doubiiu/ToonCrafter)",
+    )
+    parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default float32 on CPU, float16 on CUDA)")
+    parser.add_argument("--offload", action="store_true", help="keep CLIP and the VAE off the GPU while the UNet samples")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first run, faster steps)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tooncrafter", description="ToonCrafter cartoon keyframe interpolation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="interpolate between keyframes and write a video")
+    gen.add_argument("keyframes", nargs="+", metavar="KEYFRAME", help="image path, http(s) URL or data: URI (2 or more)")
+    gen.add_argument("-o", "--output", required=True, help="output video (.mp4, .webm or .gif)")
+    gen.add_argument("--prompt", default="", help="text describing the motion")
+    gen.add_argument("--steps", type=int, default=50, help="DDIM steps (1-100, default 50)")
+    gen.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (>= 1, default 7.5)")
+    gen.add_argument("--eta", type=float, default=1.0, help="DDIM eta (0-1, default 1.0)")
+    gen.add_argument("--motion-steps", type=int, default=10, help="frame-stride condition: lower = more motion (default 10)")
+    gen.add_argument("--fps", type=int, default=8, help="frames per second of the video (default 8)")
+    gen.add_argument("--seed", type=int, help="random seed (default: random; printed)")
+    gen.add_argument("--keyframe-lengths", type=_lengths, help="frames per keyframe, e.g. 6,5,5 (sum = model frames)")
+    gen.add_argument("--keep-all-frames", action="store_true", help="with >2 keyframes keep every frame of every pair")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_options(gen)
+
+    par = sub.add_parser("parity", help="compare every stage against a reference fixture directory")
+    par.add_argument("fixture_dir", type=Path, metavar="FIXTURE_DIR")
+    par.add_argument("--dump", type=Path, metavar="OUT.safetensors", help="write every computed tensor under the fixture's key names")
+
+    conv = sub.add_parser("convert", help="convert a model.ckpt to .safetensors (same keys)")
+    conv.add_argument("source", type=Path, metavar="IN.ckpt")
+    conv.add_argument("target", type=Path, metavar="OUT.safetensors")
+
+    serve = sub.add_parser("serve", help="run the fal-compatible HTTP API (and, by default, a worker)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true", help="API only (workers run as `tooncrafter worker`)")
+    _add_model_options(serve)
+
+    worker = sub.add_parser("worker", help="run a worker that takes jobs from the shared job store")
+    _add_model_options(worker)
+
+    db = sub.add_parser("db", help="database maintenance")
+    db.add_argument("action", choices=["upgrade"], help="create or migrate the job store schema")
+    return parser
+
+
+def _validated_input(args: argparse.Namespace, num_frames: int):
+    from pydantic import ValidationError
+
+    from tooncrafter.schema import ToonCrafterInput
+
+    fields = {
+        "keyframe_image_urls": args.keyframes,
+        "prompt": args.prompt,
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "eta": args.eta,
+        "motion_steps": args.motion_steps,
+        "fps": args.fps,
+        "seed": args.seed,
+        "keyframe_lengths": args.keyframe_lengths,
+        "keep_all_frames": args.keep_all_frames,
+    }
+    try:
+        return ToonCrafterInput.model_validate(fields, context={"num_frames": num_frames})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "input"
+        raise UsageError(f"{field.replace('_', '-')}: {first['msg']}") from None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tooncrafter.generation import GenerationRequest, random_seed
+    from tooncrafter.media import MediaError, load_image, write_video
+    from tooncrafter.pipeline import ToonCrafterPipeline
+
+    # the sum of keyframe_lengths is checked against the loaded model's frame count below
+    inputs = _validated_input(args, sum(args.keyframe_lengths or []) or 16)
+    output = Path(args.output)
+    if output.suffix.lower() not in (".mp4", ".webm", ".gif"):
+        raise UsageError(f"output: unsupported video type {output.suffix!r} (use .mp4, .webm or .gif)")
+    images = []
+    for i, source in enumerate(inputs.keyframe_image_urls):
+        try:
+            images.append(load_image(source))
+        except (MediaError, OSError) as exc:
+            raise UsageError(f"keyframe {i + 1} ({source[:80]}): {exc}") from None
+    pipeline = ToonCrafterPipeline.from_pretrained(
+        args.checkpoint, device=args.device, dtype=args.dtype, offload=args.offload, compile=args.compile
+    )
+    if inputs.keyframe_lengths is not None and sum(inputs.keyframe_lengths) != pipeline.num_frames:
+        raise UsageError(f"keyframe-lengths: must sum to the model's {pipeline.num_frames} frames, got {sum(inputs.keyframe_lengths)}")
+    seed = inputs.seed if inputs.seed is not None else random_seed()
+    request = GenerationRequest(
+        keyframes=images,
+        seed=seed,
+        prompt=inputs.prompt,
+        steps=inputs.steps,
+        cfg_scale=inputs.cfg_scale,
+        eta=inputs.eta,
+        motion_steps=inputs.motion_steps,
+        keyframe_lengths=inputs.keyframe_lengths,
+        keep_all_frames=inputs.keep_all_frames,
+    )
+    with tqdm(total=inputs.steps, desc="denoising", unit="step", disable=args.quiet, file=sys.stderr) as bar:
+        result = pipeline.generate(request, on_step=lambda step, total: bar.update(1))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_video(result.frames, output, fps=inputs.fps)
+    print(f"seed: {result.seed}")
+    print(f"wrote {output} ({result.frames.shape[0]} frames, {result.frames.shape[2]}x{result.frames.shape[1]}, {inputs.fps} fps)")
+    return 0
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    from tooncrafter.parity import format_report, run_parity
+
+    if not (args.fixture_dir / "fixtures.safetensors").is_file():
+        raise UsageError(f"FIXTURE_DIR: {args.fixture_dir} has no fixtures.safetensors")
+    report = run_parity(args.fixture_dir, dump=args.dump)
+    print(format_report(report.rows))
+    if args.dump:
+        print(f"wrote {len(report.computed)} tensors to {args.dump}")
+    return 0 if report.passed else 1
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from tooncrafter.model.checkpoint import convert_to_safetensors
+
+    if args.target.suffix != ".safetensors":
+        raise UsageError("OUT: the target must end in .safetensors")
+    count = convert_to_safetensors(args.source, args.target)
+    print(f"wrote {count} tensors to {args.target}")
+    return 0
+
+
+def _settings_from_args(args: argparse.Namespace):
+    from tooncrafter.settings import Settings
+
+    overrides = {}
+    for name in ("checkpoint", "device", "dtype"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    if getattr(args, "offload", False):
+        overrides["offload"] = True
+    if getattr(args, "compile", False):
+        overrides["compile"] = True
+    return Settings(**overrides)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tooncrafter.service.server import serve
+
+    serve(_settings_from_args(args), host=args.host, port=args.port, with_worker=not args.no_worker)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from tooncrafter.service.server import run_worker
+
+    run_worker(_settings_from_args(args))
+    return 0
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    from tooncrafter.service.jobs import upgrade_database
+    from tooncrafter.settings import Settings
+
+    upgrade_database(Settings())
+    print("database schema is up to date")
+    return 0
+
+
+COMMANDS = {
+    "generate": _cmd_generate,
+    "parity": _cmd_parity,
+    "convert": _cmd_convert,
+    "serve": _cmd_serve,
+    "worker": _cmd_worker,
+    "db": _cmd_db,
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or a missing file rather than a bug: one line, exit 2."""
+    errors: list[type[BaseException]] = [UsageError]
+    try:
+        from tooncrafter.model.checkpoint import CheckpointError
+
+        errors.append(CheckpointError)
+    except ImportError:  # pragma: no cover - torch missing
+        pass
+    try:
+        from tooncrafter.weights import WeightsNotFoundError
+
+        errors.append(WeightsNotFoundError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

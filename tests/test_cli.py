@@ -1,0 +1,111 @@
+"""`tooncrafter generate` / `convert` end to end, as a user runs them (subprocesses, real files)."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+
+from tooncrafter.model.config import load_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tooncrafter.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _probe(path: Path) -> tuple[int, int, int, float, str]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return frames, stream.width, stream.height, float(stream.average_rate), stream.codec_context.name
+
+
+@pytest.fixture(scope="module")
+def model_dir(fixture_set) -> Path:
+    if not (fixture_set.directory / "config.yaml").is_file():
+        pytest.skip("fixture set has no config.yaml")
+    return fixture_set.directory
+
+
+@pytest.fixture(scope="module")
+def model_config(model_dir):
+    config = load_config(model_dir / "config.yaml")
+    return config
+
+
+@pytest.fixture(scope="module")
+def needs_clip(fixture_set):
+    from tooncrafter.model.checkpoint import has_component, read_state_dict
+
+    state = read_state_dict(fixture_set.checkpoint_path)
+    if not has_component(state, "text_encoder"):
+        pytest.skip("checkpoint without CLIP towers: generate would download OpenCLIP weights")
+
+
+def test_generate_two_keyframes(model_dir: Path, model_config, needs_clip, tmp_path: Path) -> None:
+    out = tmp_path / "clip.mp4"
+    proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), str(EXAMPLES / "keyframe_2.png"), "-o", str(out),
+                "--checkpoint", str(model_dir), "--steps", "3", "--seed", "7", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "seed: 7" in proc.stdout and str(out) in proc.stdout
+    height, width = model_config.pixel_size
+    assert _probe(out) == (model_config.num_frames, width, height, 8.0, "h264")
+
+
+def test_three_keyframes_fps_data_uri_and_keep_all(model_dir: Path, model_config, needs_clip, tmp_path: Path) -> None:
+    data_uri = "data:image/png;base64," + base64.b64encode((EXAMPLES / "keyframe_2.png").read_bytes()).decode()
+    out = tmp_path / "three.mp4"
+    keys = [str(EXAMPLES / "keyframe_1.png"), data_uri, str(EXAMPLES / "keyframe_1.png")]
+    proc = _run("generate", *keys, "-o", str(out), "--checkpoint", str(model_dir), "--steps", "2", "--fps", "12", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _probe(out)[0] == model_config.num_frames and _probe(out)[3] == 12.0
+    assert "seed: " in proc.stdout  # a random seed is printed
+    out_all = tmp_path / "all.mp4"
+    proc = _run("generate", *keys, "-o", str(out_all), "--checkpoint", str(model_dir), "--steps", "2", "--keep-all-frames", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _probe(out_all)[0] == 2 * (model_config.num_frames - 1) + 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "0"], "steps"),
+        (["--cfg-scale", "0.5"], "cfg-scale"),
+        (["--eta", "2"], "eta"),
+        (["--seed", "-1"], "seed"),
+        (["--fps", "0"], "fps"),
+        (["--motion-steps", "0"], "motion-steps"),
+        (["--keyframe-lengths", "3,3,3"], "keyframe-lengths"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(extra: list[str], message: str, tmp_path: Path) -> None:
+    proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), str(EXAMPLES / "keyframe_2.png"), "-o", str(tmp_path / "x.mp4"), *extra)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_one_keyframe_missing_file_and_bad_checkpoint_exit_2(tmp_path: Path) -> None:
+    proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), "-o", str(tmp_path / "x.mp4"))
+    assert proc.returncode == 2 and "keyframe-image-urls" in proc.stderr
+    proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), str(tmp_path / "missing.png"), "-o", str(tmp_path / "x.mp4"))
+    assert proc.returncode == 2 and "keyframe 2" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), str(EXAMPLES / "keyframe_2.png"), "-o", str(tmp_path / "x.mp4"),
+                "--checkpoint", str(tmp_path / "nope.ckpt"))
+    assert proc.returncode == 2 and "nope.ckpt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_convert_writes_safetensors_that_load_the_same(fixture_set, tmp_path: Path) -> None:
+    from tooncrafter.model.checkpoint import read_state_dict
+
+    out = tmp_path / "model.safetensors"
+    proc = _run("convert", str(fixture_set.checkpoint_path), str(out))
+    assert proc.returncode == 0, proc.stderr
+    a, b = read_state_dict(fixture_set.checkpoint_path), read_state_dict(out)
+    assert a.keys() == b.keys()
