@@ -18,10 +18,10 @@ import uvicorn
 from fastapi import FastAPI, Header, HTTPException
 
 from tooncrafter.service.routes_files import PendingUploads, RangeNotSatisfiable, files_router, parse_byte_range
+from service_helpers import JS_DIR, js_client_dir
 from tooncrafter.service.storage import LocalFileStorage
 
 MAX_UPLOAD = 64 * 1024
-JS_DIR = Path(__file__).parent / "js_storage"
 
 
 class LiveServer:
@@ -358,14 +358,6 @@ def test_preflight_without_cors_middleware(server: LiveServer, client: httpx.Cli
 # -- the real JS client -------------------------------------------------------------------------
 
 
-def _node_harness() -> Path | None:
-    if shutil.which("node") is None:
-        return None
-    if (JS_DIR / "node_modules" / "@fal-ai" / "client").is_dir():
-        return JS_DIR
-    return None
-
-
 def js_upload(server_url: str, path: Path, content_type: str) -> str:
     result = subprocess.run(
         ["node", str(JS_DIR / "upload.mjs"), server_url, str(path), content_type],
@@ -378,12 +370,12 @@ def js_upload(server_url: str, path: Path, content_type: str) -> str:
     return json.loads(result.stdout.strip().splitlines()[-1])["file_url"]
 
 
-needs_node = pytest.mark.skipif(
-    _node_harness() is None, reason="node or tests/js_storage/node_modules missing (run `npm ci` there)"
-)
+@pytest.fixture(scope="module")
+def needs_node() -> None:
+    js_client_dir()
 
 
-@needs_node
+@pytest.mark.usefixtures("needs_node")
 def test_js_client_storage_upload(server: LiveServer, tmp_path: Path) -> None:
     """`fal.storage.upload` from @fal-ai/client, its REST host rewritten to our server."""
     payload = tmp_path / "frame.png"
@@ -396,7 +388,7 @@ def test_js_client_storage_upload(server: LiveServer, tmp_path: Path) -> None:
     assert got.headers["content-type"] == "image/png"
 
 
-@needs_node
+@pytest.mark.usefixtures("needs_node")
 @pytest.mark.slow
 def test_js_client_multipart_upload(tmp_path: Path) -> None:
     """Over 90 MiB the JS client switches to initiate-multipart, 10 MiB part PUTs and complete."""

@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--no-worker", action="store_true", help="API only (workers run as `tooncrafter worker`)")
+    serve.add_argument("--ssl-certfile", help="serve https with this certificate (PEM); fal_client only speaks https")
+    serve.add_argument("--ssl-keyfile", help="private key of --ssl-certfile")
+    serve.add_argument(
+        "--allow-open", action="store_true", help="allow a non-loopback --host although no API keys are configured"
+    )
     _add_model_options(serve)
 
     worker = sub.add_parser("worker", help="run a worker that takes jobs from the shared job store")
@@ -187,7 +192,17 @@ def _settings_from_args(args: argparse.Namespace):
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tooncrafter.service.server import serve
 
-    serve(_settings_from_args(args), host=args.host, port=args.port, with_worker=not args.no_worker)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise UsageError("--ssl-certfile and --ssl-keyfile go together")
+    serve(
+        _settings_from_args(args),
+        host=args.host,
+        port=args.port,
+        with_worker=not args.no_worker,
+        allow_open=args.allow_open,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
     return 0
 
 

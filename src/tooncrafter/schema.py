@@ -94,9 +94,10 @@ class ToonCrafterInput(BaseModel):
     @classmethod
     def _lengths_match_keyframes(cls, lengths: list[int] | None, info: ValidationInfo) -> list[int] | None:
         # a field validator (not a model one) so that the 422 and the CLI error name `keyframe_lengths`
-        # the frame count is the loaded model's: pass it as validation context {"num_frames": T}
+        # The sum must equal the loaded model's frame count: callers that know it pass the validation
+        # context {"num_frames": T}; without it only the count and the minimum are checked here.
         urls = info.data.get("keyframe_image_urls")
-        num_frames = (info.context or {}).get("num_frames", DEFAULT_NUM_FRAMES)
+        num_frames = (info.context or {}).get("num_frames", sum(lengths or []))
         if lengths is not None and urls is not None:
             check_keyframe_lengths(lengths, len(urls), num_frames)
         return lengths

@@ -1,0 +1,205 @@
+"""The FastAPI app: fal's queue and run protocols, file uploads/downloads, auth, and the lifespan.
+
+`create_app(settings)` builds everything from arguments (no import-time state). The lifespan opens
+the job store (SQLAlchemy URL from settings), the file storage, the webhook sender and, unless
+`with_worker=False`, an in-process worker thread that loads the model once; all of them live on
+`app.state` and routes reach them through small `Depends` functions.
+
+How the two fal hosts are told apart
+    fal's clients talk to two hosts with the same path shapes: the queue host (`queue.fal.run`)
+    and the run host (`fal.run`), where `POST /fal-ai/toon-crafter` means "queue it" on the first
+    and "run it and wait" on the second. Here both are one server:
+      * queue host = `{server}/queue`, run host = `{server}`. `fal_client` concatenates its host
+        settings raw (`https://{FAL_QUEUE_RUN_HOST}/` + endpoint), so a path in the host works:
+            FAL_RUN_HOST=127.0.0.1:8443  FAL_QUEUE_RUN_HOST=127.0.0.1:8443/queue
+        and the JS client's `requestMiddleware` rewrites https://queue.fal.run/ to {server}/queue/
+        and https://fal.run/ (and https://rest.fal.ai/ for uploads) to {server}/.
+      * behind DNS, a Host header starting with `queue.` (queue.example.com) is routed to the queue
+        as well, so `FAL_RUN_HOST=example.com` alone works with the default `queue.` prefix.
+    The URLs the queue returns (`status_url`, `response_url`, `cancel_url`) are absolute and use the
+    same form the request came in on (or PUBLIC_URL).
+
+Errors
+    Bad input is a 422 at submit (and at run), before anything is queued, in FastAPI's shape
+    `{"detail": [{"loc": ["body", field, ...], "msg", "type"}], "message": "field: msg"}`: Python's
+    `fal_client` raises `FalClientHTTPError` (status_code 422, message = detail), the JS client raises
+    `ValidationError` (fieldErrors = detail, message from `message`). Errors of a running job (a
+    keyframe URL that cannot be fetched, out of memory) are replayed by the result endpoint with
+    their own code; the status is COMPLETED with `error`/`error_type` (fal never reports FAILED).
+    Every response is JSON (`application/json`) except SSE and file downloads, and every response
+    carries `x-fal-request-id`. No redirects: `redirect_slashes` is off, both slash forms exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tooncrafter.service.auth import require_owner
+from tooncrafter.service.jobs import JobStore
+from tooncrafter.service.routes_files import files_router
+from tooncrafter.service.routes_queue import QUEUE_PREFIX, REQUEST_ID_HEADER, ProtocolError, queue_router
+from tooncrafter.service.routes_run import run_router
+from tooncrafter.service.storage import storage_from_url
+from tooncrafter.service.webhooks import WebhookSender
+from tooncrafter.service.worker import GeneratorFactory, Worker, default_generator_factory
+from tooncrafter.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class FalGatewayMiddleware:
+    """Routes `queue.*` host names to the queue prefix and puts `x-fal-request-id` on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        path = scope["path"]
+        if host.lower().startswith("queue.") and not path.startswith(QUEUE_PREFIX + "/"):
+            scope = dict(scope, path=QUEUE_PREFIX + path, raw_path=None)
+            scope["tooncrafter.queue_host"] = True
+        fallback_id = str(uuid.uuid4()).encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == REQUEST_ID_HEADER.encode() for k, _ in headers):
+                    headers.append((REQUEST_ID_HEADER.encode(), fallback_id))
+                    message = dict(message, headers=headers)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _validation_entries(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FastAPI's error entries without echoing big inputs (a data URI can be megabytes)."""
+    entries = []
+    for error in errors:
+        entry = {k: v for k, v in error.items() if k not in ("input", "url")}
+        value = error.get("input")
+        if isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) <= 200):
+            entry["input"] = value
+        entries.append(entry)
+    return jsonable_encoder(entries)
+
+
+def _summary(entries: list[dict[str, Any]]) -> str:
+    parts = []
+    for entry in entries:
+        loc = [str(p) for p in entry.get("loc", []) if p != "body"]
+        parts.append(f"{'.'.join(loc) or 'body'}: {entry.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        entries = _validation_entries(list(exc.errors()))
+        return JSONResponse({"detail": entries, "message": _summary(entries)}, status_code=422)
+
+    @app.exception_handler(ProtocolError)
+    async def _on_protocol_error(_request: Request, exc: ProtocolError) -> JSONResponse:
+        headers = {REQUEST_ID_HEADER: exc.request_id} if exc.request_id else None
+        return JSONResponse(exc.body, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = {"detail": exc.detail}
+        if isinstance(exc.detail, str):
+            body["message"] = exc.detail
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _on_unhandled(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        # 500 with our request id: fal_client then does not mistake it for an ingress error to retry
+        return JSONResponse(
+            {"detail": "Internal Server Error"}, status_code=500, headers={REQUEST_ID_HEADER: str(uuid.uuid4())}
+        )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    generator_factory: GeneratorFactory | None = None,
+    with_worker: bool = True,
+) -> FastAPI:
+    """The whole service; `with_worker=False` for API-only processes (workers run elsewhere)."""
+    factory = generator_factory or default_generator_factory
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = JobStore(settings.resolved_database_url)
+        storage = storage_from_url(settings.resolved_storage_url)
+        sender = WebhookSender(store, settings)
+        sender.start()
+        worker: Worker | None = None
+        if with_worker:
+            worker = Worker(store, storage, settings, factory, on_complete=sender.notify)
+            worker.start()
+        app.state.job_store = store
+        app.state.storage = storage
+        app.state.webhook_sender = sender
+        app.state.worker = worker
+        if not settings.auth_enabled:
+            logger.warning("no API keys configured (TOONCRAFTER_API_KEYS): the API is open to anyone who can reach it")
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.stop()
+            sender.stop()
+            store.close()
+
+    app = FastAPI(
+        title="tooncrafter",
+        summary="ToonCrafter keyframe interpolation behind fal's queue protocol (fal-ai/toon-crafter).",
+        version="0.1.0",
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
+    app.state.settings = settings
+    _install_error_handlers(app)
+
+    @app.get("/health", tags=["service"], include_in_schema=False)
+    def health(request: Request) -> JSONResponse:
+        worker: Worker | None = getattr(request.app.state, "worker", None)
+        body: dict[str, Any] = {"status": "ok", "worker": None}
+        if worker is not None:
+            body["worker"] = {
+                "ready": worker.ready.is_set() and worker.load_error is None,
+                "alive": worker.alive,
+                "error": repr(worker.load_error) if worker.load_error else None,
+            }
+        return JSONResponse(body)
+
+    # order matters: the queue and file routes before the run route's catch-all `/{owner}/{alias}/...`
+    app.include_router(queue_router())
+    app.include_router(files_router(auth_dependency=require_owner))
+    app.include_router(run_router())
+
+    app.add_middleware(FalGatewayMiddleware)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "PUT", "HEAD", "OPTIONS"],
+        allow_headers=["*"],
+        expose_headers=[REQUEST_ID_HEADER, "x-fal-error-type", "content-range", "accept-ranges", "content-length", "etag"],
+        max_age=600,
+    )
+    return app

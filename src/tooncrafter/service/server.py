@@ -1,0 +1,90 @@
+"""What `tooncrafter serve` and `tooncrafter worker` run."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import threading
+
+from tooncrafter.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    settings: Settings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    with_worker: bool = True,
+    *,
+    allow_open: bool = False,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+) -> None:
+    """Run the API (and by default a worker) under uvicorn until interrupted.
+
+    With no API keys configured the API is open, so it binds loopback only: a non-loopback `host`
+    is replaced by 127.0.0.1 (and logged) unless `allow_open` is set.
+    """
+    import uvicorn
+
+    from tooncrafter.service.app import create_app
+
+    if not settings.auth_enabled and not _is_loopback(host):
+        if allow_open:
+            logger.warning("no API keys configured and binding %s: the API is open to the network", host)
+        else:
+            logger.warning(
+                "no API keys configured (TOONCRAFTER_API_KEYS): binding 127.0.0.1 instead of %s; "
+                "set API keys to serve other machines",
+                host,
+            )
+            host = "127.0.0.1"
+    if not settings.auth_enabled:
+        logger.warning("the API is open (no API keys): anyone who can reach %s:%d can use it", host, port)
+    app = create_app(settings, with_worker=with_worker)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        log_level="info",
+        timeout_graceful_shutdown=30,
+    )
+
+
+def run_worker(settings: Settings) -> None:
+    """A worker alone (scale-out): takes jobs from the shared job store until SIGINT/SIGTERM."""
+    from tooncrafter.service.jobs import JobStore
+    from tooncrafter.service.storage import storage_from_url
+    from tooncrafter.service.webhooks import WebhookSender
+    from tooncrafter.service.worker import Worker
+
+    store = JobStore(settings.resolved_database_url)
+    storage = storage_from_url(settings.resolved_storage_url)
+    sender = WebhookSender(store, settings)
+    sender.start()
+    worker = Worker(store, storage, settings, on_complete=sender.notify)
+
+    def _stop(signum: int, _frame: object) -> None:
+        logger.info("signal %d: stopping after the current step", signum)
+        threading.Thread(target=worker.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        worker.run_forever()
+    finally:
+        sender.stop()
+        store.close()

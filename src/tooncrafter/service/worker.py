@@ -1,0 +1,332 @@
+"""The worker: takes queued jobs one at a time and turns each into a stored video and a result.
+
+One worker per GPU. It loads the generator once (the process owner passes a factory), then loops:
+requeue jobs whose worker died, claim the oldest queued job, fetch and decode its keyframes, run
+the generator with a log line per denoising step (`step 12/50`) and a cancel check between
+steps, encode the mp4, store it, and write the result (fal's output, or the error to replay).
+It runs in its own thread (`start()`) or in the foreground (`run_forever()`), never on the event
+loop. While a job runs, a heartbeat thread renews its lease, so a long model step does not look
+like a dead worker.
+
+Error results (replayed by the result endpoint, the status shows COMPLETED with `error`):
+    422  a keyframe URL cannot be fetched or decoded, keyframe_lengths do not fit the model
+    400  cancelled (error_type request_cancelled)
+    503  out of GPU memory        500  anything else ("Internal Server Error")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from pydantic import ValidationError
+
+from tooncrafter.generation import GenerationCancelled, GenerationRequest, Generator, random_seed
+from tooncrafter.schema import File, ToonCrafterInput, ToonCrafterOutput, check_keyframe_lengths
+from tooncrafter.service.jobs import CANCELLED_OUTCOME, Job, JobOutcome, JobStore
+from tooncrafter.service.storage import Storage, public_file_url
+from tooncrafter.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+GeneratorFactory = Callable[[Settings], Generator]
+
+
+def default_generator_factory(settings: Settings) -> Generator:
+    """The real pipeline from the settings' checkpoint, device and dtype (imported here: torch is heavy)."""
+    from tooncrafter.pipeline import ToonCrafterPipeline
+
+    device = None if settings.device in (None, "auto") else settings.device
+    dtype = None if settings.dtype in (None, "auto") else settings.dtype
+    return ToonCrafterPipeline.from_pretrained(
+        settings.checkpoint, device=device, dtype=dtype, offload=settings.offload, compile=settings.compile
+    )
+
+
+class _ShuttingDown(Exception):
+    """The worker is stopping mid-job: the job goes back to the queue for the next worker."""
+
+
+class JobFailed(Exception):
+    """A job ends with this HTTP error (code + fal-style body) instead of an output."""
+
+    def __init__(self, status_code: int, body: dict[str, Any], error: str, error_type: str | None = None) -> None:
+        super().__init__(error)
+        self.outcome = JobOutcome(status_code=status_code, body=body, error=error, error_type=error_type)
+
+
+def field_error(loc: list[Any], message: str, error_type: str = "value_error") -> JobFailed:
+    """A 422 naming the field, in FastAPI's `detail` shape (as fal's FieldException)."""
+    where = ".".join(str(part) for part in loc)
+    body = {"detail": [{"loc": ["body", *loc], "msg": message, "type": error_type}], "message": f"{where}: {message}"}
+    return JobFailed(422, body, f"{where}: {message}", None)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+class _Heartbeat:
+    """Renews a job's lease every `period_s` in a daemon thread; `lost` turns True if the lease was taken."""
+
+    def __init__(self, store: JobStore, job_id: str, worker_id: str, lease_s: float, period_s: float) -> None:
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(store, job_id, worker_id, lease_s, period_s), name="tooncrafter-heartbeat", daemon=True
+        )
+
+    def __enter__(self) -> "_Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self, store: JobStore, job_id: str, worker_id: str, lease_s: float, period_s: float) -> None:
+        while not self._stop.wait(period_s):
+            try:
+                if not store.heartbeat(job_id, worker_id, lease_s):
+                    self.lost = True
+                    return
+            except Exception:
+                logger.exception("heartbeat for job %s failed", job_id)
+
+
+class Worker:
+    """Runs jobs from `store` with the generator `generator_factory(settings)` builds (once)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        storage: Storage,
+        settings: Settings,
+        generator_factory: GeneratorFactory = default_generator_factory,
+        *,
+        on_complete: Callable[[], None] | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.storage = storage
+        self.settings = settings
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._factory = generator_factory
+        self._on_complete = on_complete
+        self._generator: Generator | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_purge = 0.0
+        self.load_error: BaseException | None = None
+        self.ready = threading.Event()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run in a daemon thread (the embedded `tooncrafter serve`)."""
+        self._thread = threading.Thread(target=self.run_forever, name="tooncrafter-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop after the current step; a job in progress goes back to the queue."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def notify(self) -> None:
+        """A job was just queued: look now instead of at the next poll."""
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run_forever(self) -> None:
+        """Load the generator, then take jobs until `stop()`."""
+        try:
+            self._generator = self._factory(self.settings)
+        except BaseException as exc:
+            self.load_error = exc
+            logger.exception("the worker could not load the model; no job will run")
+            raise
+        finally:
+            self.ready.set()
+        logger.info("worker %s ready", self.worker_id)
+        while not self._stop.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:
+                logger.exception("worker loop failed; retrying")
+                ran = False
+            if not ran:
+                self._wake.wait(self.settings.worker_poll_s)
+                self._wake.clear()
+
+    # --- one job ------------------------------------------------------------------------------
+
+    def run_once(self) -> bool:
+        """Housekeeping, then run one queued job if there is one; True if a job ran."""
+        self._housekeeping()
+        job = self.store.claim(self.worker_id, self.settings.lease_s)
+        if job is None:
+            return False
+        self._run_job(job)
+        return True
+
+    def _housekeeping(self) -> None:
+        self.store.requeue_expired(self.settings.max_attempts)
+        self.store.expire_start_deadlines()
+        now = time.monotonic()
+        if now - self._last_purge >= self.settings.purge_interval_s:
+            self._last_purge = now
+            self.purge()
+
+    def purge(self) -> None:
+        """Delete results older than the retention period, with their files."""
+        for key in self.store.purge_expired(self.settings.result_retention_s):
+            try:
+                self.storage.delete(key)
+            except Exception:
+                logger.exception("could not delete expired file %s", key)
+
+    def _run_job(self, job: Job) -> None:
+        logger.info("job %s: started (attempt %d)", job.id, job.attempts)
+        started = time.perf_counter()
+        with _Heartbeat(
+            self.store, job.id, self.worker_id, self.settings.lease_s, self.settings.resolved_heartbeat_s
+        ) as heartbeat:
+            try:
+                outcome = self._execute(job, started)
+            except _ShuttingDown:
+                self.store.release(job.id, self.worker_id)
+                logger.info("job %s: worker stopping, request requeued", job.id)
+                return
+            except GenerationCancelled:
+                self.store.add_log(job.id, "Request cancelled", "WARN")
+                outcome = CANCELLED_OUTCOME
+            except JobFailed as failure:
+                self.store.add_log(job.id, failure.outcome.error or "Request failed", "ERROR")
+                outcome = failure.outcome
+            except Exception as exc:
+                logger.exception("job %s failed", job.id)
+                self.store.add_log(job.id, f"{type(exc).__name__}: {exc}", "ERROR")
+                if _is_out_of_memory(exc):
+                    outcome = JobOutcome(503, {"detail": "CUDA error: out of memory"}, "CUDA error: out of memory", None)
+                else:
+                    outcome = JobOutcome(500, {"detail": "Internal Server Error"}, "Internal Server Error", None)
+            if heartbeat.lost:
+                logger.warning("job %s: lease lost while running; result dropped", job.id)
+                self._drop_files(outcome)
+                return
+        if self.store.complete(job.id, outcome, worker_id=self.worker_id):
+            logger.info("job %s: completed with HTTP %d", job.id, outcome.status_code)
+            if self._on_complete is not None:
+                self._on_complete()
+        else:
+            self._drop_files(outcome)
+
+    def _drop_files(self, outcome: JobOutcome) -> None:
+        for key in outcome.file_keys:
+            self.storage.delete(key)
+
+    def _cancelled(self, job_id: str) -> bool:
+        if self._stop.is_set():
+            raise _ShuttingDown()
+        return self.store.is_cancel_requested(job_id)
+
+    def _execute(self, job: Job, started: float) -> JobOutcome:
+        assert self._generator is not None
+        try:
+            params = ToonCrafterInput.model_validate(job.input)
+        except ValidationError as exc:  # validated at submit; only an older server's row lands here
+            first = exc.errors()[0]
+            raise field_error(list(first["loc"]), first["msg"], first["type"]) from exc
+        if params.keyframe_lengths is not None:
+            try:
+                check_keyframe_lengths(params.keyframe_lengths, len(params.keyframe_image_urls), self._generator.num_frames)
+            except ValueError as exc:
+                raise field_error(["keyframe_lengths"], str(exc)) from exc
+        if self._cancelled(job.id):
+            raise GenerationCancelled()
+
+        self.store.add_log(job.id, f"Loading {len(params.keyframe_image_urls)} keyframes")
+        keyframes = self._load_keyframes(job, params.keyframe_image_urls)
+        seed = params.seed if params.seed is not None else random_seed()
+        self.store.add_log(job.id, f"Generating with seed {seed}")
+
+        def on_step(step: int, total: int) -> None:
+            self.store.add_log(job.id, f"step {step}/{total}")
+
+        result = self._generator.generate(
+            GenerationRequest(
+                keyframes=keyframes,
+                seed=seed,
+                prompt=params.prompt,
+                steps=params.steps,
+                cfg_scale=params.cfg_scale,
+                eta=params.eta,
+                motion_steps=params.motion_steps,
+                keyframe_lengths=params.keyframe_lengths,
+                keep_all_frames=params.keep_all_frames,
+            ),
+            on_step=on_step,
+            should_cancel=lambda: self._cancelled(job.id),
+        )
+
+        from tooncrafter.media import encode_video
+
+        self.store.add_log(job.id, f"Encoding {len(result.frames)} frames at {params.fps} fps")
+        video = encode_video(result.frames, params.fps, format="mp4")
+        stored = self.storage.put(video, content_type="video/mp4", file_name="output.mp4")
+        output = ToonCrafterOutput(
+            video=File(
+                url=public_file_url(job.base_url, stored.key),
+                content_type="video/mp4",
+                file_name=stored.file_name,
+                file_size=stored.size,
+            ),
+            seed=result.seed,
+        )
+        inference_time = time.perf_counter() - started
+        self.store.add_log(job.id, f"Done in {inference_time:.2f} s")
+        return JobOutcome(
+            status_code=200, body=output.model_dump(mode="json"), inference_time=inference_time, file_keys=[stored.key]
+        )
+
+    def _load_keyframes(self, job: Job, urls: list[str]) -> list:
+        """Fetch every keyframe concurrently and decode it; a bad one is a 422 naming its index."""
+        from tooncrafter.media import decode_image
+        from tooncrafter.service.inputs import FetchLimits, InputError, fetch_input
+
+        limits = FetchLimits(
+            max_bytes=self.settings.input_max_bytes,
+            timeout_s=self.settings.input_timeout_s,
+            max_redirects=self.settings.input_max_redirects,
+            allow_private=self.settings.allow_private_urls,
+        )
+        own = [job.base_url] + ([self.settings.public_url] if self.settings.public_url else [])
+
+        async def fetch_all() -> list[bytes | BaseException]:
+            tasks = [fetch_input(url, limits=limits, storage=self.storage, own_base_urls=own) for url in urls]
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+        fetched = asyncio.run(fetch_all())
+        images = []
+        for index, data in enumerate(fetched):
+            if isinstance(data, InputError):
+                raise field_error(["keyframe_image_urls", index], f"could not load keyframe {index}: {data}")
+            if isinstance(data, BaseException):
+                raise data
+            try:
+                images.append(decode_image(data))
+            except ValueError as exc:
+                raise field_error(["keyframe_image_urls", index], f"keyframe {index} is not a usable image: {exc}") from exc
+        return images

@@ -1,0 +1,145 @@
+"""Settings for the CLI, the HTTP service and the workers: one place, read from the environment.
+
+Every name is read from an environment variable with the prefix `TOONCRAFTER_` (for example
+`TOONCRAFTER_API_KEYS=k1,k2`). The process owner (CLI main, the app factory, a test) builds a
+`Settings` and passes it down; `get_settings()` is the cached FastAPI-style dependency for code
+that has nothing passed to it. There is deliberately no module-level instance.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """`$XDG_DATA_HOME/tooncrafter`, else `~/.local/share/tooncrafter`."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tooncrafter"
+
+
+class Settings(BaseSettings):
+    """Everything a deployment can change without touching code."""
+
+    model_config = SettingsConfigDict(env_prefix="TOONCRAFTER_", extra="ignore", validate_default=True)
+
+    # --- model -------------------------------------------------------------------------------
+    checkpoint: str | None = Field(
+        None, description="Checkpoint file or directory; absent = the Hugging Face repo Doubiiu/ToonCrafter."
+    )
+    device: str | None = Field(
+        None, description="torch device ('cpu', 'cuda', 'cuda:1', ...); absent or 'auto' = cuda if available, else cpu."
+    )
+    dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] | None = Field(
+        None, description="Weights/activations dtype; absent or 'auto' = float16 on GPU, float32 on CPU."
+    )
+    offload: bool = Field(False, description="Keep idle components (CLIP, VAE) on the CPU between uses.")
+    compile: bool = Field(False, description="torch.compile the UNet at load time.")
+
+    # --- where state lives ---------------------------------------------------------------------
+    data_dir: Path = Field(default_factory=default_data_dir, description="Root of the default database and files.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; absent = sqlite file <data_dir>/jobs.sqlite3 (postgresql+psycopg://... to scale out)."
+    )
+    storage_url: str | None = Field(None, description="file:///dir or s3://bucket/prefix; absent = file://<data_dir>/files.")
+    s3_endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible store (MinIO, R2, ...).")
+
+    # --- the HTTP API --------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated accepted keys (`Key <k>`, `Key id:secret`, `Bearer <k>`); empty = open (loopback only).",
+    )
+    public_url: str | None = Field(
+        None, description="Base URL the API puts in the URLs it returns (https://api.example.com); absent = from the request."
+    )
+    endpoint_id: str = Field("fal-ai/toon-crafter", description="The `owner/alias` this server answers to.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"], description="Allowed CORS origins.")
+    sse_keepalive_s: float = Field(15.0, gt=0, description="Seconds between `: ping` comments on status streams.")
+
+    # --- inputs (keyframe URLs) ----------------------------------------------------------------
+    allow_private_urls: bool = Field(False, description="Allow input/webhook URLs on private, loopback or link-local addresses.")
+    input_max_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest accepted input file.")
+    input_timeout_s: float = Field(30.0, gt=0, description="Time limit for fetching one input URL.")
+    input_max_redirects: int = Field(5, ge=0, description="Redirects followed when fetching an input URL.")
+    max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Largest file accepted by the upload endpoint.")
+
+    # --- jobs and workers ----------------------------------------------------------------------
+    result_retention_s: float = Field(
+        24 * 3600.0, gt=0, description="How long finished requests (result, logs, output files) are kept."
+    )
+    lease_s: float = Field(60.0, gt=0, description="A running job whose worker has not renewed its lease for this long is requeued.")
+    heartbeat_s: float | None = Field(None, gt=0, description="Lease renewal period; absent = lease_s / 3.")
+    max_attempts: int = Field(3, ge=1, description="Runs of one job (lease expiries included) before it fails for good.")
+    worker_poll_s: float = Field(0.5, gt=0, description="How often an idle worker looks for queued jobs.")
+    purge_interval_s: float = Field(60.0, gt=0, description="How often expired results are deleted.")
+
+    # --- webhooks ------------------------------------------------------------------------------
+    webhook_max_attempts: int = Field(10, ge=1, description="Deliveries tried per webhook (fal: 10 over about 2 h).")
+    webhook_base_delay_s: float = Field(15.0, gt=0, description="Delay before the 2nd try; doubles after each failure.")
+    webhook_max_delay_s: float = Field(3600.0, gt=0, description="Upper bound of one retry delay.")
+    webhook_timeout_s: float = Field(15.0, gt=0, description="Time limit of one webhook POST.")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @field_validator("endpoint_id")
+    @classmethod
+    def _two_segments(cls, value: str) -> str:
+        parts = value.strip("/").split("/")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"endpoint_id must be 'owner/alias', got {value!r}")
+        return "/".join(parts)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """`database_url`, or the SQLite file in `data_dir`."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'jobs.sqlite3'}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        """`storage_url`, or `file://<data_dir>/files`."""
+        return self.storage_url or f"file://{(self.data_dir / 'files').resolve()}"
+
+    @property
+    def resolved_heartbeat_s(self) -> float:
+        return self.heartbeat_s or self.lease_s / 3
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    def model_num_frames(self) -> int:
+        """T of the served model, read from the checkpoint directory's config (no weights loaded)."""
+        return _num_frames_of(self.checkpoint)
+
+
+@lru_cache(maxsize=8)
+def _num_frames_of(checkpoint: str | None) -> int:
+    from tooncrafter.model.config import builtin_config, load_config
+
+    if checkpoint:
+        directory = Path(checkpoint)
+        for name in ("config.yaml", "config.json"):
+            if (directory / name).is_file():
+                return load_config(directory / name).num_frames
+    return builtin_config().num_frames
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings from the environment (a cached dependency, built on first use)."""
+    return Settings()
