@@ -48,6 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tooncrafter.service.auth import require_owner
 from tooncrafter.service.jobs import JobStore
 from tooncrafter.service.routes_files import files_router
+from tooncrafter.service.routes_playground import playground_router
 from tooncrafter.service.routes_queue import QUEUE_PREFIX, REQUEST_ID_HEADER, ProtocolError, queue_router
 from tooncrafter.service.routes_run import run_router
 from tooncrafter.service.storage import storage_from_url
@@ -189,6 +190,7 @@ def create_app(
         return JSONResponse(body)
 
     # order matters: the queue and file routes before the run route's catch-all `/{owner}/{alias}/...`
+    app.include_router(playground_router())
     app.include_router(queue_router())
     app.include_router(files_router(auth_dependency=require_owner))
     app.include_router(run_router())
