@@ -53,12 +53,13 @@ class MediaError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def parse_data_uri(uri: str) -> tuple[str, bytes]:
+def parse_data_uri(uri: str, *, max_bytes: int | None = None) -> tuple[str, bytes]:
     """Split an RFC 2397 `data:` URI into (lower-cased MIME type, payload bytes).
 
     Accepts standard and URL-safe base64 (padding optional, whitespace ignored) and plain
     percent-encoded payloads. MIME types are compared case-insensitively elsewhere, so they are
-    lower-cased here (fal_client.encode_image writes `image/PNG`).
+    lower-cased here (fal_client.encode_image writes `image/PNG`). With `max_bytes`, a payload over the
+    limit is refused before it is decoded (a service must not allocate what it will reject).
     """
     if not isinstance(uri, str) or uri[:5].lower() != "data:":
         raise MediaError("not a data URI: it must start with 'data:'")
@@ -72,10 +73,15 @@ def parse_data_uri(uri: str) -> tuple[str, bytes]:
     mime = (params[0] if params else "").lower() or "text/plain"  # RFC 2397 default
     if "/" not in mime:
         raise MediaError(f"malformed data URI: media type {mime!r} is not of the form type/subtype")
+    # base64 decodes to at most 3/4 of its text, percent-encoding takes at most 3 characters a byte
+    if max_bytes is not None and (len(payload) * 3 // 4 if is_base64 else len(payload) // 3) > max_bytes + 3:
+        raise MediaError(f"data URI is larger than the limit of {max_bytes} bytes")
     if is_base64:
         data = _decode_base64(payload)
     else:
         data = urllib.parse.unquote_to_bytes(payload)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise MediaError(f"data URI is larger than the limit of {max_bytes} bytes")
     if not data:
         raise MediaError("data URI carries no data")
     return mime, data

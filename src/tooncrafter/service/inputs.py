@@ -19,19 +19,17 @@ the field name (`keyframe_image_urls[1]: ...`).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes
 
 import anyio
 import httpx
 
+from tooncrafter.media import MediaError, parse_data_uri
 from tooncrafter.service.storage import Storage, is_valid_key
 
 logger = logging.getLogger(__name__)
@@ -178,42 +176,12 @@ def sniff_image_type(data: bytes) -> str | None:
 
 
 def decode_data_uri(uri: str, *, max_bytes: int) -> tuple[str, bytes]:
-    """`data:[<mediatype>][;base64],<data>` -> (media type, bytes), refusing anything over `max_bytes`.
-
-    The media type is lower-cased (Python's `fal_client.encode_image` writes `image/PNG`). Base64 may
-    be standard or URL-safe, with or without padding and line breaks.
-    """
-    if not uri[:5].lower() == "data:":
-        raise InputError("not a data: URI")
-    header, comma, payload = uri[5:].partition(",")
-    if not comma:
-        raise InputError("malformed data: URI (no comma before the data)")
-    params = [p.strip() for p in header.split(";")]
-    is_base64 = len(params) > 1 and params[-1].lower() == "base64"
-    media_type = (params[0] or "text/plain").lower()
-
-    if is_base64:
-        # Decoded size is at most 3/4 of the text: refuse before allocating anything big.
-        if len(payload) * 3 // 4 > max_bytes + 3:
-            raise InputError(f"data: URI is larger than the limit of {max_bytes} bytes")
-        text = "".join(payload.split())
-        if "%" in text:
-            text = unquote_to_bytes(text).decode("ascii", "replace")
-        text += "=" * (-len(text) % 4)
-        try:
-            if "-" in text or "_" in text:
-                data = base64.urlsafe_b64decode(text)
-            else:
-                data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise InputError("data: URI holds invalid base64") from exc
-    else:
-        if len(payload) > 3 * max_bytes:  # percent-encoding takes at most 3 characters a byte
-            raise InputError(f"data: URI is larger than the limit of {max_bytes} bytes")
-        data = unquote_to_bytes(payload)
-    if len(data) > max_bytes:
-        raise InputError(f"data: URI is larger than the limit of {max_bytes} bytes")
-    return media_type, data
+    """`data:[<mediatype>][;base64],<data>` -> (lower-cased media type, bytes), refusing anything over
+    `max_bytes` before decoding it (media.parse_data_uri, with its errors as `InputError`)."""
+    try:
+        return parse_data_uri(uri, max_bytes=max_bytes)
+    except MediaError as exc:
+        raise InputError(str(exc)) from exc
 
 
 # -- the fetcher --------------------------------------------------------------------------------

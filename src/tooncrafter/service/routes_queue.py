@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from tooncrafter.schema import ToonCrafterInput
@@ -197,6 +198,17 @@ def enqueue(
     return job
 
 
+class QueueSubmitted(BaseModel):
+    """What submit answers (fal's queue handle); the URLs are absolute and point back at this server."""
+
+    status: str = Field("IN_QUEUE", description="Always IN_QUEUE at submit.")
+    request_id: str
+    response_url: str = Field(..., description="GET it for the result once the status is COMPLETED.")
+    status_url: str = Field(..., description="GET it (202 while queued or running, 200 when completed); `?logs=1` adds logs.")
+    cancel_url: str = Field(..., description="PUT it to cancel.")
+    queue_position: int = Field(..., description="Requests ahead of this one.")
+
+
 # --- the router ---------------------------------------------------------------------------------
 
 
@@ -209,14 +221,13 @@ def queue_router() -> APIRouter:
         owner: str,
         alias: str,
         params: ToonCrafterInput,
-        subpath: str = "",
         fal_webhook: str | None = Query(None, description="URL that receives fal's webhook envelope when the request completes."),
         caller: str = Depends(require_owner),
         store: JobStore = Depends(get_store),
         settings: Settings = Depends(get_app_settings),
     ) -> JSONResponse:
         """Queue a request; poll `status_url`, then fetch `response_url`."""
-        endpoint = check_endpoint(settings, owner, alias, subpath)
+        endpoint = check_endpoint(settings, owner, alias, request.path_params.get("subpath", ""))
         job = enqueue(request, store, settings, owner=caller, endpoint=endpoint, params=params, webhook_url=fal_webhook)
         queue_base = queue_base_url(request)
         body = {
@@ -228,7 +239,9 @@ def queue_router() -> APIRouter:
         }
         return JSONResponse(body, headers={REQUEST_ID_HEADER: job.id})
 
-    router.add_api_route("/{owner}/{alias}", submit, methods=["POST"], summary="Submit a request")
+    router.add_api_route(
+        "/{owner}/{alias}", submit, methods=["POST"], summary="Submit a request", responses={200: {"model": QueueSubmitted}}
+    )
     router.add_api_route("/{owner}/{alias}/{subpath:path}", submit, methods=["POST"], include_in_schema=False)
 
     def status(

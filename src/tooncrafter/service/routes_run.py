@@ -12,7 +12,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from tooncrafter.schema import ToonCrafterInput
+from tooncrafter.schema import ToonCrafterInput, ToonCrafterOutput
 from tooncrafter.service.auth import require_owner
 from tooncrafter.service.jobs import COMPLETED, JobStore
 from tooncrafter.service.routes_queue import check_endpoint, enqueue, get_app_settings, get_store, result_response
@@ -29,13 +29,12 @@ def run_router() -> APIRouter:
         owner: str,
         alias: str,
         params: ToonCrafterInput,
-        subpath: str = "",
         caller: str = Depends(require_owner),
         store: JobStore = Depends(get_store),
         settings: Settings = Depends(get_app_settings),
     ) -> Response:
         """Run the model and wait for its output (no queue handle; use the queue for long jobs)."""
-        endpoint = check_endpoint(settings, owner, alias, subpath)
+        endpoint = check_endpoint(settings, owner, alias, request.path_params.get("subpath", ""))
         job = await run_in_threadpool(
             enqueue, request, store, settings, owner=caller, endpoint=endpoint, params=params, webhook_url=None
         )
@@ -50,6 +49,8 @@ def run_router() -> APIRouter:
                 return Response(b'{"detail":"Client disconnected"}', 400, media_type="application/json")
             await asyncio.sleep(RUN_POLL_S)
 
-    router.add_api_route("/{owner}/{alias}", run, methods=["POST"], summary="Run (wait for the output)")
+    router.add_api_route(
+        "/{owner}/{alias}", run, methods=["POST"], summary="Run (wait for the output)", responses={200: {"model": ToonCrafterOutput}}
+    )
     router.add_api_route("/{owner}/{alias}/{subpath:path}", run, methods=["POST"], include_in_schema=False)
     return router
