@@ -123,8 +123,9 @@ def test_metadata_sidecar_is_json(storage: LocalFileStorage) -> None:
 def test_storage_from_url(tmp_path: Path) -> None:
     storage = storage_from_url(f"file://{tmp_path}/store")
     assert isinstance(storage, LocalFileStorage) and storage.root == (tmp_path / "store").resolve()
-    with pytest.raises(NotImplementedError, match="S3"):
-        storage_from_url("s3://bucket/prefix")
+    from tooncrafter.service.s3_storage import S3Storage
+
+    assert isinstance(storage_from_url("s3://bucket/prefix"), S3Storage)
     with pytest.raises(StorageError):
         storage_from_url("file://relative/path")
     with pytest.raises(StorageError):

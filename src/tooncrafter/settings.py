@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     )
     storage_url: str | None = Field(None, description="file:///dir or s3://bucket/prefix; absent = file://<data_dir>/files.")
     s3_endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible store (MinIO, R2, ...).")
+    s3_region: str | None = Field(None, description="Region of the S3 bucket; absent = boto3's usual lookup (AWS_REGION, config).")
+    upload_secret: SecretStr | None = Field(
+        None,
+        description="HMAC key that signs upload tokens, shared by every API process; absent = one generated once and kept in the database.",
+    )
 
     # --- the HTTP API --------------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -76,6 +81,9 @@ class Settings(BaseSettings):
     heartbeat_s: float | None = Field(None, gt=0, description="Lease renewal period; absent = lease_s / 3.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job (lease expiries included) before it fails for good.")
     worker_poll_s: float = Field(0.5, gt=0, description="How often an idle worker looks for queued jobs.")
+    cancel_poll_s: float = Field(
+        0.5, ge=0, description="A running job reads its cancel flag from the database at most this often (checked between steps)."
+    )
     purge_interval_s: float = Field(60.0, gt=0, description="How often expired results are deleted.")
 
     # --- webhooks ------------------------------------------------------------------------------
@@ -111,8 +119,15 @@ class Settings(BaseSettings):
 
     @property
     def resolved_storage_url(self) -> str:
-        """`storage_url`, or `file://<data_dir>/files`."""
-        return self.storage_url or f"file://{(self.data_dir / 'files').resolve()}"
+        """`storage_url`, or `file://<data_dir>/files`; an s3:// URL carries `s3_endpoint_url`/`s3_region` as query."""
+        url = self.storage_url or f"file://{(self.data_dir / 'files').resolve()}"
+        if url.startswith("s3://") and "?" not in url:
+            query = {k: v for k, v in (("endpoint_url", self.s3_endpoint_url), ("region", self.s3_region)) if v}
+            if query:
+                from urllib.parse import urlencode
+
+                url = f"{url}?{urlencode(query)}"
+        return url
 
     @property
     def resolved_heartbeat_s(self) -> float:

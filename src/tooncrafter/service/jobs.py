@@ -1,34 +1,45 @@
 """The durable job store: requests, their logs, results and pending webhooks, in one SQL database.
 
-SQLAlchemy 2 Core over SQLite (WAL) by default; the same code runs on PostgreSQL, where workers in
-several processes claim jobs with `SELECT ... FOR UPDATE SKIP LOCKED`. On SQLite that clause is not
-rendered and the claim is made atomic by a conditional `UPDATE ... WHERE status = 'IN_QUEUE'`.
+SQLAlchemy 2 Core over SQLite (WAL) by default; the same code runs on PostgreSQL, where API
+processes and workers on many machines share one database and workers claim jobs with
+`SELECT ... FOR UPDATE SKIP LOCKED`. On SQLite that clause is not rendered and the claim is made
+atomic by a conditional `UPDATE ... WHERE status = 'IN_QUEUE'`. The schema is owned by the Alembic
+migrations in `service/migrations/` (applied on open, or by `tooncrafter db upgrade`); `metadata`
+below is what the queries use and a test checks that the two agree.
 
 Life of a job (statuses are fal's three, nothing else):
     IN_QUEUE --claim--> IN_PROGRESS --complete--> COMPLETED --retention--> deleted
 A running job holds a lease that its worker renews (`heartbeat`); a lease that runs out means the
 worker died, and `requeue_expired` puts the job back in the queue (up to `max_attempts` runs).
+Every claim mints a fresh `lease_token`; heartbeat, release and complete only act while the row
+still carries the caller's token, so a stale worker (paused, partitioned, or simply slow) whose job
+was requeued and taken over can neither renew nor overwrite: the result is written once.
 Completing a job and recording its webhook happen in one transaction, so a restart neither loses
 nor repeats a delivery.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
+import secrets
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Boolean,
     Column,
+    Connection,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -39,10 +50,13 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 if TYPE_CHECKING:
     from tooncrafter.settings import Settings
@@ -71,6 +85,7 @@ jobs_table = Table(
     Column("started_at", Float),
     Column("completed_at", Float, index=True),
     Column("worker_id", String(64)),
+    Column("lease_token", String(32)),  # minted per claim: fences heartbeat/release/complete
     Column("lease_expires_at", Float),
     Column("attempts", Integer, nullable=False, default=0),
     Column("cancel_requested", Boolean, nullable=False, default=False),
@@ -80,6 +95,7 @@ jobs_table = Table(
     Column("error_type", String(64)),
     Column("inference_time", Float),
     Column("file_keys_json", Text, nullable=False, default="[]"),
+    Index("ix_jobs_status_seq", "status", "seq"),  # claim order and queue positions
 )
 
 logs_table = Table(
@@ -106,10 +122,18 @@ webhooks_table = Table(
     Column("created_at", Float, nullable=False),
 )
 
+secrets_table = Table(
+    "service_secrets",  # secrets every process of a deployment must share (the upload-token HMAC key)
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
 
 def iso_now() -> str:
     """UTC now as ISO-8601 with milliseconds and a Z, as fal's log timestamps."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -138,6 +162,7 @@ class Job:
     error_type: str | None
     inference_time: float | None
     file_keys: list[str] = field(default_factory=list)
+    lease_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +213,14 @@ CANCELLED_OUTCOME = JobOutcome(
 )
 
 
+RUNNER_DISCONNECTED_OUTCOME = JobOutcome(
+    status_code=503,
+    body={"detail": "The worker running this request stopped responding", "error_type": "runner_disconnected"},
+    error="The worker running this request stopped responding",
+    error_type="runner_disconnected",
+)
+
+
 def webhook_envelope(job_id: str, outcome: JobOutcome) -> dict[str, Any]:
     """fal's webhook body: status OK with the output, or ERROR with the app's error body as payload."""
     ok = 200 <= outcome.status_code < 300
@@ -211,7 +244,7 @@ def _make_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_connection, _record):  # noqa: ANN001 - DBAPI objects
+    def _sqlite_pragmas(dbapi_connection, _record):
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -246,15 +279,17 @@ def _row_to_job(row: Any) -> Job:
         error_type=m["error_type"],
         inference_time=m["inference_time"],
         file_keys=json.loads(m["file_keys_json"] or "[]"),
+        lease_token=m["lease_token"],
     )
 
 
 class JobStore:
     """All reads and writes of jobs, logs and webhooks. Thread-safe (one engine, short transactions)."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, migrate: bool = True) -> None:
         self.engine = _make_engine(database_url)
-        metadata.create_all(self.engine)
+        if migrate:
+            migrate_engine(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -322,9 +357,10 @@ class JobStore:
     # --- workers ----------------------------------------------------------------------------------
 
     def claim(self, worker_id: str, lease_s: float) -> Job | None:
-        """Take the oldest queued job and lease it to `worker_id`; None when the queue is empty."""
+        """Take the oldest queued job and lease it to `worker_id` under a fresh `lease_token`; None when none is queued."""
         for _ in range(8):  # another worker may win the race for the same row; try the next one
             now = time.time()
+            token = secrets.token_hex(16)
             with self.engine.begin() as conn:
                 candidate = conn.execute(
                     select(jobs_table.c.id)
@@ -341,6 +377,7 @@ class JobStore:
                     .values(
                         status=IN_PROGRESS,
                         worker_id=worker_id,
+                        lease_token=token,
                         lease_expires_at=now + lease_s,
                         started_at=now,
                         attempts=jobs_table.c.attempts + 1,
@@ -351,32 +388,39 @@ class JobStore:
                     return _row_to_job(row)
         return None
 
-    def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> bool:
-        """Renew the lease; False when the job is no longer this worker's (requeued or finished)."""
+    @staticmethod
+    def _lease_holder(job_id: str, worker_id: str | None, lease_token: str | None) -> list[Any]:
+        """WHERE clauses matching a running job still leased to this worker (and this claim, given its token)."""
+        conditions = [jobs_table.c.id == job_id, jobs_table.c.status == IN_PROGRESS]
+        if worker_id is not None:
+            conditions.append(jobs_table.c.worker_id == worker_id)
+        if lease_token is not None:
+            conditions.append(jobs_table.c.lease_token == lease_token)
+        return conditions
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_s: float, lease_token: str | None = None) -> bool:
+        """Renew the lease; False when the job is no longer this worker's (requeued, taken over or finished)."""
         with self.engine.begin() as conn:
             return (
                 conn.execute(
                     update(jobs_table)
-                    .where(
-                        jobs_table.c.id == job_id,
-                        jobs_table.c.worker_id == worker_id,
-                        jobs_table.c.status == IN_PROGRESS,
-                    )
+                    .where(*self._lease_holder(job_id, worker_id, lease_token))
                     .values(lease_expires_at=time.time() + lease_s)
                 ).rowcount
                 == 1
             )
 
-    def release(self, job_id: str, worker_id: str) -> bool:
+    def release(self, job_id: str, worker_id: str, lease_token: str | None = None) -> bool:
         """Give a running job back to the queue (graceful worker shutdown; the run does not count)."""
         with self.engine.begin() as conn:
             return (
                 conn.execute(
                     update(jobs_table)
-                    .where(jobs_table.c.id == job_id, jobs_table.c.worker_id == worker_id, jobs_table.c.status == IN_PROGRESS)
+                    .where(*self._lease_holder(job_id, worker_id, lease_token))
                     .values(
                         status=IN_QUEUE,
                         worker_id=None,
+                        lease_token=None,
                         lease_expires_at=None,
                         started_at=None,
                         attempts=jobs_table.c.attempts - 1,
@@ -386,109 +430,123 @@ class JobStore:
             )
 
     def is_cancel_requested(self, job_id: str) -> bool:
+        """One primary-key read; workers call it between steps (throttled by `cancel_poll_s`)."""
         with self.engine.connect() as conn:
             return bool(
                 conn.execute(select(jobs_table.c.cancel_requested).where(jobs_table.c.id == job_id)).scalar_one_or_none()
             )
 
-    def complete(self, job_id: str, outcome: JobOutcome, *, worker_id: str | None = None) -> bool:
+    def complete(
+        self, job_id: str, outcome: JobOutcome, *, worker_id: str | None = None, lease_token: str | None = None
+    ) -> bool:
         """Store the outcome, mark COMPLETED and record the webhook, in one transaction.
 
-        With `worker_id`, only the lease holder may complete (a requeued job's old worker cannot).
-        Returns False when nothing was updated.
+        With `worker_id` (and `lease_token`), only that lease holder may complete: a requeued job's
+        old worker cannot, even when the job runs again under the same worker id. Returns False
+        when nothing was updated (the result was already written, or the lease is gone).
         """
-        now = time.time()
-        with self.engine.begin() as conn:
+        if worker_id is not None or lease_token is not None:
+            conditions = self._lease_holder(job_id, worker_id, lease_token)
+        else:
             conditions = [jobs_table.c.id == job_id, jobs_table.c.status != COMPLETED]
-            if worker_id is not None:
-                conditions += [jobs_table.c.worker_id == worker_id, jobs_table.c.status == IN_PROGRESS]
-            updated = conn.execute(
-                update(jobs_table)
-                .where(*conditions)
-                .values(
-                    status=COMPLETED,
-                    completed_at=now,
-                    lease_expires_at=None,
-                    result_status_code=outcome.status_code,
-                    result_json=json.dumps(outcome.body),
-                    error=outcome.error,
-                    error_type=outcome.error_type,
-                    inference_time=outcome.inference_time,
-                    file_keys_json=json.dumps(list(outcome.file_keys)),
+        with self.engine.begin() as conn:
+            return self._finish(conn, job_id, conditions, outcome)
+
+    def _finish(self, conn: Connection, job_id: str, conditions: list[Any], outcome: JobOutcome) -> bool:
+        """The conditional UPDATE to COMPLETED plus the webhook row, inside the caller's transaction."""
+        now = time.time()
+        updated = conn.execute(
+            update(jobs_table)
+            .where(*conditions)
+            .values(
+                status=COMPLETED,
+                completed_at=now,
+                lease_expires_at=None,
+                result_status_code=outcome.status_code,
+                result_json=json.dumps(outcome.body),
+                error=outcome.error,
+                error_type=outcome.error_type,
+                inference_time=outcome.inference_time,
+                file_keys_json=json.dumps(list(outcome.file_keys)),
+            )
+        ).rowcount
+        if updated != 1:
+            return False
+        webhook_url = conn.execute(select(jobs_table.c.webhook_url).where(jobs_table.c.id == job_id)).scalar_one()
+        if webhook_url:
+            conn.execute(
+                insert(webhooks_table).values(
+                    job_id=job_id,
+                    url=webhook_url,
+                    payload_json=json.dumps(webhook_envelope(job_id, outcome)),
+                    state="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
                 )
-            ).rowcount
-            if updated != 1:
-                return False
-            webhook_url = conn.execute(select(jobs_table.c.webhook_url).where(jobs_table.c.id == job_id)).scalar_one()
-            if webhook_url:
-                conn.execute(
-                    insert(webhooks_table).values(
-                        job_id=job_id,
-                        url=webhook_url,
-                        payload_json=json.dumps(webhook_envelope(job_id, outcome)),
-                        state="pending",
-                        attempts=0,
-                        next_attempt_at=now,
-                        created_at=now,
-                    )
-                )
+            )
         return True
 
     def request_cancel(self, job_id: str) -> CancelOutcome:
-        """Cancel a queued job at once, or flag a running one for its worker."""
-        job = self.get(job_id)
-        if job is None:
-            return CancelOutcome.NOT_FOUND
-        if job.status == COMPLETED:
-            return CancelOutcome.ALREADY_COMPLETED
+        """Cancel a queued job at once, or flag a running one for its worker (whichever process runs it)."""
         with self.engine.begin() as conn:
-            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(cancel_requested=True))
-        if job.status == IN_QUEUE:
-            # A worker may claim it between our read and this write; then it sees the flag at its first step.
-            with self.engine.begin() as conn:
-                still_queued = conn.execute(
-                    update(jobs_table)
-                    .where(jobs_table.c.id == job_id, jobs_table.c.status == IN_QUEUE)
-                    .values(status=IN_PROGRESS, worker_id="cancel")
-                ).rowcount
-            if still_queued:
-                self.add_log(job_id, "Request cancelled while in queue", "WARN")
-                self.complete(job_id, CANCELLED_OUTCOME)
+            flagged = conn.execute(
+                update(jobs_table)
+                .where(jobs_table.c.id == job_id, jobs_table.c.status != COMPLETED)
+                .values(cancel_requested=True)
+            ).rowcount
+            if not flagged:
+                exists = conn.execute(select(jobs_table.c.id).where(jobs_table.c.id == job_id)).first()
+                return CancelOutcome.ALREADY_COMPLETED if exists else CancelOutcome.NOT_FOUND
+            # Still queued: complete it here, atomically (a worker claiming it meanwhile sees the flag instead).
+            if self._finish(conn, job_id, [jobs_table.c.id == job_id, jobs_table.c.status == IN_QUEUE], CANCELLED_OUTCOME):
+                conn.execute(
+                    insert(logs_table).values(
+                        job_id=job_id, timestamp=iso_now(), level="WARN", message="Request cancelled while in queue"
+                    )
+                )
                 return CancelOutcome.CANCELLED
         return CancelOutcome.REQUESTED
 
     # --- maintenance ------------------------------------------------------------------------------
 
     def requeue_expired(self, max_attempts: int) -> int:
-        """Requeue running jobs whose lease ran out; fail those that already used `max_attempts` runs."""
+        """Requeue running jobs whose lease ran out; fail those that already used `max_attempts` runs.
+
+        Each change is fenced on the lease token seen here, so a worker that renewed in between keeps
+        its job. A job whose cancel was requested completes as cancelled instead of running again.
+        """
         now = time.time()
         with self.engine.connect() as conn:
             expired = conn.execute(
-                select(jobs_table.c.id, jobs_table.c.attempts).where(
+                select(jobs_table.c.id, jobs_table.c.attempts, jobs_table.c.lease_token, jobs_table.c.cancel_requested).where(
                     jobs_table.c.status == IN_PROGRESS, jobs_table.c.lease_expires_at < now
                 )
             ).all()
         count = 0
-        for job_id, attempts in expired:
-            if attempts >= max_attempts:
-                self.complete(
-                    job_id,
-                    JobOutcome(
-                        status_code=503,
-                        body={"detail": "The worker running this request stopped responding", "error_type": "runner_disconnected"},
-                        error="The worker running this request stopped responding",
-                        error_type="runner_disconnected",
-                    ),
-                )
-                continue
+        for job_id, attempts, token, cancel in expired:
+            fence = [
+                jobs_table.c.id == job_id,
+                jobs_table.c.status == IN_PROGRESS,
+                jobs_table.c.lease_expires_at < now,
+                jobs_table.c.lease_token.is_(None) if token is None else jobs_table.c.lease_token == token,
+            ]
             with self.engine.begin() as conn:
-                count += conn.execute(
+                if cancel:
+                    self._finish(conn, job_id, fence, CANCELLED_OUTCOME)
+                    continue
+                if attempts >= max_attempts:
+                    self._finish(conn, job_id, fence, RUNNER_DISCONNECTED_OUTCOME)
+                    continue
+                requeued = conn.execute(
                     update(jobs_table)
-                    .where(jobs_table.c.id == job_id, jobs_table.c.status == IN_PROGRESS, jobs_table.c.lease_expires_at < now)
-                    .values(status=IN_QUEUE, worker_id=None, lease_expires_at=None, started_at=None)
+                    .where(*fence)
+                    .values(status=IN_QUEUE, worker_id=None, lease_token=None, lease_expires_at=None, started_at=None)
                 ).rowcount
-            self.add_log(job_id, "Worker lease expired; request requeued", "WARN")
-            logger.warning("requeued job %s after its worker's lease expired", job_id)
+            if requeued:
+                count += 1
+                self.add_log(job_id, "Worker lease expired; request requeued", "WARN")
+                logger.warning("requeued job %s after its worker's lease expired", job_id)
         return count
 
     def expire_start_deadlines(self) -> int:
@@ -508,7 +566,11 @@ class JobStore:
             error="Request timed out before it started",
             error_type="request_timeout",
         )
-        return sum(self.complete(job_id, outcome) for job_id in ids)
+        finished = 0
+        for job_id in ids:
+            with self.engine.begin() as conn:  # fenced on IN_QUEUE: a job a worker just claimed runs
+                finished += self._finish(conn, job_id, [jobs_table.c.id == job_id, jobs_table.c.status == IN_QUEUE], outcome)
+        return finished
 
     def purge_expired(self, retention_s: float) -> list[str]:
         """Delete finished jobs older than `retention_s` with their logs and webhooks; return their file keys."""
@@ -578,6 +640,86 @@ class JobStore:
         return [tuple(r) for r in rows]
 
 
-def upgrade_database(settings: "Settings") -> None:
-    """Create any missing tables in the configured database (the `tooncrafter db upgrade` command)."""
-    JobStore(settings.resolved_database_url).close()
+    # --- shared secrets -----------------------------------------------------------------------------
+
+    def shared_secret(self, name: str) -> str:
+        """A random secret that every process using this database sees the same (made on first use)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(select(secrets_table.c.value).where(secrets_table.c.name == name)).scalar_one_or_none()
+        if value is not None:
+            return value
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(secrets_table).values(name=name, value=secrets.token_urlsafe(32), created_at=time.time()))
+        except IntegrityError:
+            pass  # another process made it first; read theirs
+        with self.engine.connect() as conn:
+            return conn.execute(select(secrets_table.c.value).where(secrets_table.c.name == name)).scalar_one()
+
+
+# --- schema migrations (Alembic) ------------------------------------------------------------------
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+BASELINE_REVISION = "0001"  # the schema of the first release, which made its tables with create_all
+_PG_MIGRATION_LOCK = 7_362_291_047  # any constant: serialises migrations across processes
+
+
+def _alembic_config(connection: Connection):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[Connection]:
+    """A connection in a transaction that holds the deployment-wide migration lock.
+
+    PostgreSQL: a transaction-scoped advisory lock (DDL is transactional there, so the whole
+    upgrade commits or not at all). SQLite: an exclusive file lock next to the database file.
+    """
+    if engine.dialect.name == "sqlite":
+        import fcntl
+
+        lock_path = Path(f"{engine.url.database}.migrate.lock")
+        with open(lock_path, "a+") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                with engine.begin() as conn:
+                    yield conn
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+        return
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        yield conn
+
+
+def migrate_engine(engine: Engine, revision: str = "head") -> None:
+    """Bring the database to `revision` (all migrations by default); safe to call from many processes at once.
+
+    A database made by the first release (tables, no Alembic version) is stamped as the baseline
+    first; a version row whose tables are gone (dropped by hand) is treated as an empty database.
+    """
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    with _migration_lock(engine) as conn:
+        tables = set(inspect(conn).get_table_names())
+        config = _alembic_config(conn)
+        current = MigrationContext.configure(conn).get_current_revision()
+        if "jobs" in tables and current is None:
+            logger.info("stamping a pre-migration job store as revision %s", BASELINE_REVISION)
+            command.stamp(config, BASELINE_REVISION)
+        elif "jobs" not in tables and current is not None:
+            logger.warning("the database has an Alembic version (%s) but no tables: migrating from scratch", current)
+            conn.execute(text("DELETE FROM alembic_version"))
+        command.upgrade(config, revision)
+
+
+def upgrade_database(settings: Settings) -> None:
+    """Create or migrate the configured job store to the latest schema (the `tooncrafter db upgrade` command)."""
+    JobStore(settings.resolved_database_url, migrate=True).close()

@@ -9,6 +9,14 @@ Uploads follow what `@fal-ai/client`'s `fal.storage.upload` does (fal-protocol.m
 Files over 90 MiB use the multipart variant: `initiate-multipart`, `PUT {upload_url}/{n}` per 10 MiB
 part answering `{"partNumber", "etag"}`, then `POST {upload_url}/complete` with the part list.
 
+Upload tokens. In the full service (an app with a job store) tokens are signed, not stored: an
+HMAC of (key, content type, expiry, single/multipart) with a secret every API process shares
+(`UPLOAD_SECRET`, else one kept in the database), so the PUT may reach any API process behind a
+load balancer. A token works once because a stored key is never overwritten; multipart parts
+are kept in the storage itself (`upload-parts-*/part-NNNNN`, deleted on completion), so parts may
+arrive at different processes too. A bare router (no job store, the unit tests) keeps the tokens
+in this process's memory (`PendingUploads`).
+
 Downloads answer GET and HEAD with single byte ranges (video players seek with them), streamed from
 the storage in chunks so a big file is never read whole into memory.
 
@@ -18,7 +26,10 @@ The app provides `app.state.storage` (a `Storage`) and `app.state.settings` (`pu
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import json
 import secrets
 import shutil
 import tempfile
@@ -36,6 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from tooncrafter.service.storage import (
     DEFAULT_CONTENT_TYPE,
     Storage,
+    StorageError,
     StoredFile,
     normalize_content_type,
     public_file_url,
@@ -96,8 +108,8 @@ class TooManyPendingUploads(Exception):
 class PendingUploads:
     """Upload tokens issued by `initiate` and spent by the PUT (or `complete` for multipart).
 
-    Held in this process's memory: with several API processes behind a load balancer, the PUT must
-    reach the process that issued the token (sticky routing) until this moves to a shared store.
+    Held in this process's memory, so the PUT must reach the process that issued the token: the
+    table of a bare router (tests, one process). The full service uses `SignedUploads`.
     """
 
     def __init__(
@@ -155,6 +167,115 @@ class PendingUploads:
         now = self._clock()
         for token in [t for t, p in self._pending.items() if p.expires_at <= now]:
             self.discard(token)
+
+    # multipart parts: one file per part in this process's temp dir
+
+    def save_part(self, storage: Storage, pending: PendingUpload, number: int, data: bytes) -> str:
+        assert pending.parts_dir is not None
+        etag = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        (pending.parts_dir / f"{number:05d}").write_bytes(data)
+        pending.part_etags[number] = etag
+        pending.part_sizes[number] = len(data)
+        return etag
+
+    def other_parts_bytes(self, pending: PendingUpload, number: int) -> int:
+        return sum(size for n, size in pending.part_sizes.items() if n != number)
+
+    def join_parts(self, storage: Storage, pending: PendingUpload, parts: list[tuple[int, str]]) -> bytes:
+        """The listed parts' bytes in order; `ValueError` naming a part that is missing or has another etag."""
+        assert pending.parts_dir is not None
+        for number, etag in parts:
+            if pending.part_etags.get(number) != etag:
+                raise ValueError(f"part {number} was not uploaded or its etag differs")
+        return b"".join((pending.parts_dir / f"{number:05d}").read_bytes() for number, _ in parts)
+
+    def cleanup(self, storage: Storage, pending: PendingUpload) -> None:
+        cleanup_parts(pending)
+
+
+class InvalidUploadToken(Exception):
+    """Not a token this deployment signed (or expired, or the wrong kind)."""
+
+
+class SignedUploads:
+    """Upload tokens that any API process sharing `secret` accepts; nothing is held in memory.
+
+    token = base64url(JSON {k: key, t: content type, e: expiry (epoch s), m: multipart}) "." HMAC-SHA256.
+    Spent once: the PUT (or `complete`) stores under the token's key, which storage never overwrites.
+    """
+
+    PART_TOKEN_PREFIX = "upload-parts-"  # a bucket lifecycle rule on this prefix reaps abandoned parts
+
+    def __init__(self, secret: bytes, *, ttl_s: float = UPLOAD_TOKEN_TTL_S, clock: Callable[[], float] = time.time) -> None:
+        self._secret = secret
+        self.ttl_s = ttl_s
+        self._clock = clock
+
+    def _sign(self, payload: bytes) -> str:
+        digest = hmac.new(self._secret, payload, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def issue(self, key: str, content_type: str | None, file_name: str, *, multipart: bool = False) -> str:
+        payload = json.dumps(
+            {"k": key, "t": content_type, "e": round(self._clock() + self.ttl_s), "m": int(multipart)}, separators=(",", ":")
+        ).encode()
+        return f"{base64.urlsafe_b64encode(payload).rstrip(b'=').decode()}.{self._sign(payload)}"
+
+    def get(self, token: str, *, multipart: bool) -> PendingUpload | None:
+        try:
+            encoded, _, signature = token.partition(".")
+            payload = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            if not hmac.compare_digest(signature, self._sign(payload)):
+                raise InvalidUploadToken
+            fields = json.loads(payload)
+            key, content_type, expires_at, is_multipart = fields["k"], fields["t"], float(fields["e"]), bool(fields["m"])
+        except (ValueError, KeyError, TypeError, InvalidUploadToken):
+            return None
+        if is_multipart != multipart or expires_at <= self._clock():
+            return None
+        return PendingUpload(key=key, content_type=content_type, file_name=key.split("/", 1)[-1], expires_at=expires_at)
+
+    def take(self, token: str, *, multipart: bool) -> PendingUpload | None:
+        return self.get(token, multipart=multipart)
+
+    def discard(self, token: str) -> None:
+        """Nothing to forget: a signed token simply expires."""
+
+    def purge_expired(self) -> None:
+        """Nothing to purge (see `discard`)."""
+
+    # multipart parts: objects in the storage itself, so any process can receive any part
+
+    def _part_key(self, pending: PendingUpload, number: int) -> str:
+        token = self._sign(b"parts:" + pending.key.encode())[:32]
+        return f"{self.PART_TOKEN_PREFIX}{token}/part-{number:05d}"
+
+    def save_part(self, storage: Storage, pending: PendingUpload, number: int, data: bytes) -> str:
+        if storage.exists(pending.key):
+            raise FileExistsError(pending.key)  # already completed
+        key = self._part_key(pending, number)
+        storage.delete(key)  # a retried part replaces the earlier attempt
+        storage.put(data, content_type=DEFAULT_CONTENT_TYPE, file_name="part", key=key)
+        return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def other_parts_bytes(self, pending: PendingUpload, number: int) -> int:
+        return 0  # not known without listing; the total is checked again at `complete`
+
+    def join_parts(self, storage: Storage, pending: PendingUpload, parts: list[tuple[int, str]]) -> bytes:
+        chunks = []
+        for number, etag in parts:
+            try:
+                data = storage.read(self._part_key(pending, number))
+            except FileNotFoundError:
+                raise ValueError(f"part {number} was not uploaded or its etag differs") from None
+            if hashlib.md5(data, usedforsecurity=False).hexdigest() != etag:
+                raise ValueError(f"part {number} was not uploaded or its etag differs")
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def cleanup(self, storage: Storage, pending: PendingUpload, numbers: list[int] | None = None) -> None:
+        for number in numbers or []:
+            storage.delete(self._part_key(pending, number))
 
 
 def cleanup_parts(pending: PendingUpload) -> None:
@@ -237,9 +358,16 @@ def files_router(
 
     `auth_dependency` (a FastAPI dependency) guards the initiate calls, the only ones a client
     sends with credentials; the PUTs are authorised by their one-time token, downloads by the
-    unguessable key. `uploads` holds the pending tokens (a fresh in-memory table by default).
+    unguessable key. `uploads` holds the pending tokens; by default signed tokens when the app has
+    a job store (shared by all API processes, see the module docstring), else an in-memory table.
     """
-    pending_uploads = uploads if uploads is not None else PendingUploads()
+    local_uploads = PendingUploads()
+
+    def uploads_for(request: Request) -> PendingUploads | SignedUploads:
+        if uploads is not None:
+            return uploads
+        return _signed_uploads(request) or local_uploads
+
     guarded = [Depends(auth_dependency)] if auth_dependency is not None else []
     router = APIRouter(tags=["files"])
 
@@ -248,6 +376,7 @@ def files_router(
         body = body or InitiateUploadRequest()
         content_type = normalize_content_type(body.content_type) if body.content_type else None
         key = storage.new_key(safe_file_name(body.file_name, default="upload.bin"))
+        pending_uploads = await run_in_threadpool(uploads_for, request)
         try:
             token = pending_uploads.issue(key, content_type, body.file_name or "", multipart=multipart)
         except TooManyPendingUploads:
@@ -279,6 +408,7 @@ def files_router(
     async def put_upload(request: Request, token: str):
         """Receive the bytes of a single-request upload; the token works once."""
         storage = _storage(request)
+        pending_uploads = await run_in_threadpool(uploads_for, request)
         pending = pending_uploads.take(token, multipart=False)
         if pending is None:
             raise HTTPException(404, "unknown or expired upload token", headers=CORS_HEADERS)
@@ -290,17 +420,18 @@ def files_router(
     @router.put("/storage/upload/multipart/{token}/{part_number}")
     async def put_part(request: Request, token: str, part_number: int):
         """Receive one part; answers `{"partNumber", "etag"}` (and the ETag header)."""
+        pending_uploads = await run_in_threadpool(uploads_for, request)
         pending = pending_uploads.get(token, multipart=True)
-        if pending is None or pending.parts_dir is None:
+        if pending is None:
             raise HTTPException(404, "unknown or expired upload token", headers=CORS_HEADERS)
         if not 1 <= part_number <= MAX_PARTS:
             raise HTTPException(400, f"part number must be 1..{MAX_PARTS}", headers=CORS_HEADERS)
-        already = sum(size for n, size in pending.part_sizes.items() if n != part_number)
+        already = pending_uploads.other_parts_bytes(pending, part_number)
         data = await _read_body(request, _max_upload_bytes(request) - already)
-        etag = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        await run_in_threadpool((pending.parts_dir / f"{part_number:05d}").write_bytes, data)
-        pending.part_etags[part_number] = etag
-        pending.part_sizes[part_number] = len(data)
+        try:
+            etag = await run_in_threadpool(pending_uploads.save_part, _storage(request), pending, part_number, data)
+        except FileExistsError:
+            raise HTTPException(404, "unknown or expired upload token", headers=CORS_HEADERS) from None
         return JSONResponse(
             {"partNumber": part_number, "etag": etag}, headers={**CORS_HEADERS, "ETag": f'"{etag}"'}
         )
@@ -309,24 +440,28 @@ def files_router(
     async def complete_multipart(request: Request, token: str, body: CompleteMultipartRequest):
         """Join the listed parts in part order into the file promised by `file_url`."""
         storage = _storage(request)
+        pending_uploads = await run_in_threadpool(uploads_for, request)
         pending = pending_uploads.get(token, multipart=True)
-        if pending is None or pending.parts_dir is None:
+        if pending is None or await run_in_threadpool(storage.exists, pending.key):
             raise HTTPException(404, "unknown or expired upload token", headers=CORS_HEADERS)
-        parts = sorted(body.parts, key=lambda p: p.part_number)
-        for part in parts:
-            if pending.part_etags.get(part.part_number) != part.etag.strip('"'):
-                raise HTTPException(400, f"part {part.part_number} was not uploaded or its etag differs")
-        if len({p.part_number for p in parts}) != len(parts):
+        parts = [(p.part_number, p.etag.strip('"')) for p in sorted(body.parts, key=lambda p: p.part_number)]
+        if len({number for number, _ in parts}) != len(parts):
             raise HTTPException(400, "a part is listed twice")
+        try:
+            data = await run_in_threadpool(pending_uploads.join_parts, storage, pending, parts)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        if len(data) > _max_upload_bytes(request):
+            raise HTTPException(413, f"upload is larger than the limit of {_max_upload_bytes(request)} bytes")
         pending_uploads.take(token, multipart=True)
         try:
-            data = await run_in_threadpool(
-                lambda: b"".join((pending.parts_dir / f"{p.part_number:05d}").read_bytes() for p in parts)
-            )
             content_type = pending.content_type or DEFAULT_CONTENT_TYPE
             stored = await _store(storage, data, content_type, pending)
         finally:
-            cleanup_parts(pending)
+            if isinstance(pending_uploads, SignedUploads):
+                await run_in_threadpool(pending_uploads.cleanup, storage, pending, [n for n, _ in parts])
+            else:
+                pending_uploads.cleanup(storage, pending)
         return _upload_done(request, stored)
 
     @router.get("/files/{key:path}")
@@ -384,10 +519,35 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     return bytes(body)
 
 
+def _signed_uploads(request: Request) -> SignedUploads | None:
+    """The app's signed-token table: when it has a job store, whose database shares the secret
+    (unless `UPLOAD_SECRET` is set). Built once per app."""
+    state = request.app.state
+    signed = getattr(state, "signed_uploads", None)
+    if signed is not None:
+        return signed
+    store = getattr(state, "job_store", None)
+    configured = getattr(_settings(request), "upload_secret", None)
+    if configured is not None:
+        secret = configured.get_secret_value()
+    elif store is not None and hasattr(store, "shared_secret"):
+        secret = store.shared_secret("upload-tokens")
+    else:
+        return None
+    state.signed_uploads = SignedUploads(secret.encode("utf-8"))
+    return state.signed_uploads
+
+
 async def _store(storage: Storage, data: bytes, content_type: str, pending: PendingUpload) -> StoredFile:
-    return await run_in_threadpool(
-        lambda: storage.put(data, content_type=content_type, file_name=pending.file_name, key=pending.key)
-    )
+    """Store the upload under its promised key; a key that already exists means the token was spent (404)."""
+    try:
+        return await run_in_threadpool(
+            lambda: storage.put(data, content_type=content_type, file_name=pending.file_name, key=pending.key)
+        )
+    except StorageError:
+        if await run_in_threadpool(storage.exists, pending.key):
+            raise HTTPException(404, "unknown or expired upload token", headers=CORS_HEADERS) from None
+        raise
 
 
 def _upload_done(request: Request, stored: StoredFile) -> JSONResponse:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import logging
+import os
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from tooncrafter.settings import Settings
+
+if TYPE_CHECKING:
+    from tooncrafter.service.worker import GeneratorFactory
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +70,46 @@ def serve(
     )
 
 
-def run_worker(settings: Settings) -> None:
-    """A worker alone (scale-out): takes jobs from the shared job store until SIGINT/SIGTERM."""
+TEST_GENERATOR_ENV = "TOONCRAFTER_TEST_GENERATOR"
+
+
+def test_generator_factory_from_env() -> GeneratorFactory | None:
+    """TESTS ONLY: `TOONCRAFTER_TEST_GENERATOR=module:factory` swaps the model for a fake generator.
+
+    The scale-out tests start real worker processes that must not load a model; this is how they
+    hand one over. It is deliberately not a `Settings` field and it logs a warning: a deployment
+    never sets it.
+    """
+    spec = os.environ.get(TEST_GENERATOR_ENV)
+    if not spec:
+        return None
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"{TEST_GENERATOR_ENV} must be 'module:factory', got {spec!r}")
+    factory = getattr(importlib.import_module(module_name), attribute)
+    logger.warning("%s=%s: using a TEST generator instead of the model", TEST_GENERATOR_ENV, spec)
+    return factory
+
+
+def run_worker(settings: Settings, generator_factory: GeneratorFactory | None = None) -> None:
+    """A worker alone (scale-out): takes jobs from the shared job store until SIGINT/SIGTERM.
+
+    It also delivers due webhooks (claimed per attempt in the database, so any number of API and
+    worker processes can run senders without sending one twice). SIGTERM stops after the current
+    step and puts the running job back in the queue; a SIGKILL loses nothing either: the job's
+    lease runs out and another worker takes it.
+    """
     from tooncrafter.service.jobs import JobStore
     from tooncrafter.service.storage import storage_from_url
     from tooncrafter.service.webhooks import WebhookSender
-    from tooncrafter.service.worker import Worker
+    from tooncrafter.service.worker import Worker, default_generator_factory
 
+    factory = generator_factory or test_generator_factory_from_env() or default_generator_factory
     store = JobStore(settings.resolved_database_url)
     storage = storage_from_url(settings.resolved_storage_url)
     sender = WebhookSender(store, settings)
     sender.start()
-    worker = Worker(store, storage, settings, on_complete=sender.notify)
+    worker = Worker(store, storage, settings, factory, on_complete=sender.notify)
 
     def _stop(signum: int, _frame: object) -> None:
         logger.info("signal %d: stopping after the current step", signum)

@@ -5,9 +5,9 @@ unguessable part: knowing a key is the permission to read it, as with fal's CDN 
 is a sanitised copy of the client's file name, kept so downloads get a sensible name. Files are
 immutable: a key is written once and never overwritten.
 
-Backends are chosen by URL (`storage_from_url`): `file:///abs/dir` for one machine today;
-`s3://bucket/prefix` is the scale-out slot (an `S3Storage` with the same methods, keys mapping to
-object names `prefix/token/name`).
+Backends are chosen by URL (`storage_from_url`): `file:///abs/dir` for one machine (or a shared
+file system), `s3://bucket/prefix` for scale-out (`s3_storage.S3Storage`, same methods, keys
+mapping to object names `prefix/token/name`).
 
 Local layout: `root/{token}/data` holds the bytes and `root/{token}/meta.json` the content type,
 file name and size. The name part of a key never touches the file system, and keys are checked
@@ -47,7 +47,7 @@ class StorageError(Exception):
 
 
 class StorageNotImplementedError(StorageError, NotImplementedError):
-    """The storage URL names a backend this version does not have yet."""
+    """The storage URL names a backend this version does not have (kept for callers that catch it)."""
 
 
 class InvalidKeyError(StorageError, KeyError):
@@ -258,11 +258,11 @@ class LocalFileStorage:
         os.replace(tmp, path)
 
 
-def storage_from_url(url: str) -> Storage:
-    """The storage a `STORAGE_URL` names: `file:///abs/path` (or a plain absolute path) today.
-
-    `s3://bucket/prefix` is recognised but not implemented yet: it raises
-    `StorageNotImplementedError` (a `NotImplementedError`) saying so.
+def storage_from_url(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
+    """The storage a `STORAGE_URL` names: `file:///abs/path` (or a plain absolute path), or
+    `s3://bucket/prefix` (optionally `?endpoint_url=http://minio:9000&region=...`, which is how
+    `Settings.resolved_storage_url` passes `S3_ENDPOINT_URL`/`S3_REGION` along; the keyword
+    arguments win over the query).
     """
     parsed = urlparse(url)
     if parsed.scheme == "file":
@@ -275,7 +275,18 @@ def storage_from_url(url: str) -> Storage:
     if parsed.scheme == "" and url.startswith("/"):
         return LocalFileStorage(Path(url))
     if parsed.scheme == "s3":
-        raise StorageNotImplementedError(
-            f"S3 storage ({url!r}) is not implemented yet; use a file:///absolute/path STORAGE_URL for now"
+        from urllib.parse import parse_qs
+
+        from tooncrafter.service.s3_storage import S3Storage
+
+        query = {name: values[-1] for name, values in parse_qs(parsed.query).items()}
+        unknown = set(query) - {"endpoint_url", "region"}
+        if unknown:
+            raise StorageError(f"unknown option(s) {sorted(unknown)} in storage URL {url!r}")
+        return S3Storage(
+            parsed.netloc,
+            unquote(parsed.path),
+            endpoint_url=endpoint_url or query.get("endpoint_url"),
+            region=region or query.get("region"),
         )
     raise StorageError(f"unsupported storage URL {url!r}: expected file:///absolute/path or s3://bucket/prefix")

@@ -8,6 +8,13 @@ It runs in its own thread (`start()`) or in the foreground (`run_forever()`), ne
 loop. While a job runs, a heartbeat thread renews its lease, so a long model step does not look
 like a dead worker.
 
+Many workers (one per GPU, on any number of machines) can share one job store. Each claim carries
+a lease token: the heartbeat, the final `complete` and a graceful `release` are fenced on it, so a
+worker that lost its lease (it stalled past `LEASE_S`, and another worker took the job over) stops
+at its next step and its result is dropped, never written over the new one. Cancels requested
+through any API process reach the worker through the job's `cancel_requested` flag, read between
+steps at most every `CANCEL_POLL_S`.
+
 Error results (replayed by the result endpoint, the status shows COMPLETED with `error`):
     422  a keyframe URL cannot be fetched or decoded, keyframe_lengths do not fit the model
     400  cancelled (error_type request_cancelled)
@@ -23,12 +30,23 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import ValidationError
 
-from tooncrafter.generation import GenerationCancelled, GenerationRequest, Generator, random_seed
-from tooncrafter.schema import File, ToonCrafterInput, ToonCrafterOutput, check_keyframe_lengths
+from tooncrafter.generation import (
+    GenerationCancelled,
+    GenerationRequest,
+    Generator,
+    random_seed,
+)
+from tooncrafter.schema import (
+    File,
+    ToonCrafterInput,
+    ToonCrafterOutput,
+    check_keyframe_lengths,
+)
 from tooncrafter.service.jobs import CANCELLED_OUTCOME, Job, JobOutcome, JobStore
 from tooncrafter.service.storage import Storage, public_file_url
 from tooncrafter.settings import Settings
@@ -53,6 +71,10 @@ class _ShuttingDown(Exception):
     """The worker is stopping mid-job: the job goes back to the queue for the next worker."""
 
 
+class _LeaseLost(Exception):
+    """Another worker owns the job now (our lease expired): stop, write nothing."""
+
+
 class JobFailed(Exception):
     """A job ends with this HTTP error (code + fal-style body) instead of an output."""
 
@@ -75,14 +97,19 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 class _Heartbeat:
     """Renews a job's lease every `period_s` in a daemon thread; `lost` turns True if the lease was taken."""
 
-    def __init__(self, store: JobStore, job_id: str, worker_id: str, lease_s: float, period_s: float) -> None:
+    def __init__(
+        self, store: JobStore, job_id: str, worker_id: str, lease_s: float, period_s: float, lease_token: str | None = None
+    ) -> None:
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(store, job_id, worker_id, lease_s, period_s), name="tooncrafter-heartbeat", daemon=True
+            target=self._run,
+            args=(store, job_id, worker_id, lease_s, period_s, lease_token),
+            name="tooncrafter-heartbeat",
+            daemon=True,
         )
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> _Heartbeat:
         self._thread.start()
         return self
 
@@ -90,10 +117,12 @@ class _Heartbeat:
         self._stop.set()
         self._thread.join()
 
-    def _run(self, store: JobStore, job_id: str, worker_id: str, lease_s: float, period_s: float) -> None:
+    def _run(
+        self, store: JobStore, job_id: str, worker_id: str, lease_s: float, period_s: float, lease_token: str | None
+    ) -> None:
         while not self._stop.wait(period_s):
             try:
-                if not store.heartbeat(job_id, worker_id, lease_s):
+                if not store.heartbeat(job_id, worker_id, lease_s, lease_token):
                     self.lost = True
                     return
             except Exception:
@@ -124,6 +153,9 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_purge = 0.0
+        self._heartbeat: _Heartbeat | None = None
+        self._cancel_checked_at = 0.0
+        self._cancel_seen = False
         self.load_error: BaseException | None = None
         self.ready = threading.Event()
 
@@ -200,14 +232,20 @@ class Worker:
     def _run_job(self, job: Job) -> None:
         logger.info("job %s: started (attempt %d)", job.id, job.attempts)
         started = time.perf_counter()
+        self._cancel_checked_at, self._cancel_seen = 0.0, False
+        self._heartbeat = None
         with _Heartbeat(
-            self.store, job.id, self.worker_id, self.settings.lease_s, self.settings.resolved_heartbeat_s
+            self.store, job.id, self.worker_id, self.settings.lease_s, self.settings.resolved_heartbeat_s, job.lease_token
         ) as heartbeat:
+            self._heartbeat = heartbeat
             try:
                 outcome = self._execute(job, started)
             except _ShuttingDown:
-                self.store.release(job.id, self.worker_id)
+                self.store.release(job.id, self.worker_id, job.lease_token)
                 logger.info("job %s: worker stopping, request requeued", job.id)
+                return
+            except _LeaseLost:
+                logger.warning("job %s: lease lost (another worker took the job over); stopped", job.id)
                 return
             except GenerationCancelled:
                 self.store.add_log(job.id, "Request cancelled", "WARN")
@@ -226,7 +264,8 @@ class Worker:
                 logger.warning("job %s: lease lost while running; result dropped", job.id)
                 self._drop_files(outcome)
                 return
-        if self.store.complete(job.id, outcome, worker_id=self.worker_id):
+        self._heartbeat = None
+        if self.store.complete(job.id, outcome, worker_id=self.worker_id, lease_token=job.lease_token):
             logger.info("job %s: completed with HTTP %d", job.id, outcome.status_code)
             if self._on_complete is not None:
                 self._on_complete()
@@ -238,9 +277,16 @@ class Worker:
             self.storage.delete(key)
 
     def _cancelled(self, job_id: str) -> bool:
+        """Between steps: stop for shutdown or a lost lease; True once a cancel was requested (any process)."""
         if self._stop.is_set():
             raise _ShuttingDown()
-        return self.store.is_cancel_requested(job_id)
+        if self._heartbeat is not None and self._heartbeat.lost:
+            raise _LeaseLost()
+        now = time.monotonic()
+        if not self._cancel_seen and now - self._cancel_checked_at >= self.settings.cancel_poll_s:
+            self._cancel_checked_at = now
+            self._cancel_seen = self.store.is_cancel_requested(job_id)
+        return self._cancel_seen
 
     def _execute(self, job: Job, started: float) -> JobOutcome:
         assert self._generator is not None
