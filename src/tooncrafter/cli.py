@@ -132,17 +132,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if inputs.keyframe_lengths is not None and sum(inputs.keyframe_lengths) != pipeline.num_frames:
         raise UsageError(f"keyframe-lengths: must sum to the model's {pipeline.num_frames} frames, got {sum(inputs.keyframe_lengths)}")
     seed = inputs.seed if inputs.seed is not None else random_seed()
-    request = GenerationRequest(
-        keyframes=images,
-        seed=seed,
-        prompt=inputs.prompt,
-        steps=inputs.steps,
-        cfg_scale=inputs.cfg_scale,
-        eta=inputs.eta,
-        motion_steps=inputs.motion_steps,
-        keyframe_lengths=inputs.keyframe_lengths,
-        keep_all_frames=inputs.keep_all_frames,
-    )
+    request = GenerationRequest.from_input(inputs, images, seed)
     with tqdm(total=inputs.steps, desc="denoising", unit="step", disable=args.quiet, file=sys.stderr) as bar:
         result = pipeline.generate(request, on_step=lambda step, total: bar.update(1))
     output.parent.mkdir(parents=True, exist_ok=True)

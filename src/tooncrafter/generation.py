@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import numpy as np
 from PIL import Image
 
-from tooncrafter.schema import MAX_SEED
+from tooncrafter.schema import MAX_SEED, ToonCrafterInput
 
 ProgressCallback = Callable[[int, int], None]
 """Called as `on_step(step, total)` after each denoising step (1-based)."""
@@ -39,6 +39,21 @@ class GenerationRequest:
     motion_steps: int = 10
     keyframe_lengths: list[int] | None = None
     keep_all_frames: bool = False
+
+    @classmethod
+    def from_input(cls, inputs: ToonCrafterInput, keyframes: list[Image.Image], seed: int) -> "GenerationRequest":
+        """The endpoint's validated input with its keyframes decoded and its seed resolved."""
+        return cls(
+            keyframes=keyframes,
+            seed=seed,
+            prompt=inputs.prompt,
+            steps=inputs.steps,
+            cfg_scale=inputs.cfg_scale,
+            eta=inputs.eta,
+            motion_steps=inputs.motion_steps,
+            keyframe_lengths=inputs.keyframe_lengths,
+            keep_all_frames=inputs.keep_all_frames,
+        )
 
 
 @dataclass(frozen=True)

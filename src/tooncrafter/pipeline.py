@@ -320,8 +320,12 @@ class ToonCrafterPipeline:
         refs = [r.to(self.device, self.dtype) for r in ref_context]
         with self._resident(vae):
             full = vae.decode(z, refs, chunk_frames=self.num_frames)
-            if num_frames >= 6:
-                keep = [0, *range(2, num_frames - 2), num_frames - 1]
+            if num_frames >= 3:  # the official code fails for T = 2 (nothing left to drop)
+                # drop latent frames 1 and T-2 exactly as officially (`del index[1]; del index[-2]`: for T = 3
+                # that leaves [2], and the slices below then broadcast its one frame onto frames 0 and 1)
+                keep = list(range(num_frames))
+                del keep[1]
+                del keep[-2]
                 mid = vae.decode(z[:, :, keep], refs, chunk_frames=self.num_frames)
                 half = num_frames // 2
                 full[:, :, half - 1 : half + 1] = mid[:, :, half - 2 : half]

@@ -312,17 +312,7 @@ class Worker:
             self.store.add_log(job.id, f"step {step}/{total}")
 
         result = self._generator.generate(
-            GenerationRequest(
-                keyframes=keyframes,
-                seed=seed,
-                prompt=params.prompt,
-                steps=params.steps,
-                cfg_scale=params.cfg_scale,
-                eta=params.eta,
-                motion_steps=params.motion_steps,
-                keyframe_lengths=params.keyframe_lengths,
-                keep_all_frames=params.keep_all_frames,
-            ),
+            GenerationRequest.from_input(params, keyframes, seed),
             on_step=on_step,
             should_cancel=lambda: self._cancelled(job.id),
         )
