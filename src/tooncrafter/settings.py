@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     )
     storage_url: str | None = Field(None, description="file:///dir or s3://bucket/prefix; absent = file://<data_dir>/files.")
     s3_endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible store (MinIO, R2, ...).")
-    s3_region: str | None = Field(None, description="Region of the S3 bucket; absent = boto3's usual lookup (AWS_REGION, config).")
+    s3_region: str | None = Field(None, description="Region of the S3 bucket; absent = boto3's usual lookup (AWS_DEFAULT_REGION, ~/.aws/config).")
     upload_secret: SecretStr | None = Field(
         None,
         description="HMAC key that signs upload tokens, shared by every API process; absent = one generated once and kept in the database.",
