@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tooncrafter.model.config import VAEConfig
@@ -194,7 +195,7 @@ class VideoDecoder(nn.Module):
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         # 3. out: norm, swish, final refinement with the conv_in references, conv + temporal conv
-        h = swish(self.norm_out(h))
+        h = F.silu(self.norm_out(h), inplace=True)  # swish, in place on the fresh norm output
         h = self.attn_refinement[-1](h, ref_context[-1])
         return self.conv_out(h, num_frames)
 

@@ -1,0 +1,1 @@
+"""Benchmarks: our pipeline against an official-style baseline, in the same run (see README.md)."""
