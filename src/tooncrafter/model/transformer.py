@@ -24,21 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tooncrafter.model.attention import sdpa_attention
-from tooncrafter.model.unet_blocks import GroupNorm32
+from tooncrafter.model.norms import GroupNorm32, LayerNorm32
 
 # The official CrossAttention splits the context after a fixed 77 tokens (the CLIP text length).
 TEXT_CONTEXT_LENGTH = 77
-
-
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm with fp32 statistics (outside autocast); returns the input dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
-        return out.to(x.dtype)
 
 
 class GEGLU(nn.Module):

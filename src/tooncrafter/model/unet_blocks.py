@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tooncrafter.model.norms import GroupNorm32
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding `cat([cos(t f), sin(t f)])`, `f_k = max_period^(-k/half)`, always fp32.
@@ -31,17 +33,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     if dim % 2:
         embedding = F.pad(embedding, (0, 1))
     return embedding
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm whose statistics are always computed in fp32 (outside autocast); returns the input dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
-        return out.to(x.dtype)
 
 
 def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:

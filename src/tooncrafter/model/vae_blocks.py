@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tooncrafter.model.attention import sdpa_attention
+from tooncrafter.model.norms import GroupNorm32
 
 # The official `MemoryEfficientCrossAttentionWrapperFusion` is built with its default 8 heads of 64 whatever the
 # channel count (the tiny checkpoint has `to_q` of shape [512, 32]), so this is part of the architecture, not a
@@ -31,18 +32,9 @@ FUSION_HEAD_DIM = 64
 GROUPS = 32
 
 
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm computed in fp32 and cast back, so fp16/bf16 activations keep their statistics accurate."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
-
-
-def vae_norm(channels: int) -> GroupNorm:
+def vae_norm(channels: int) -> GroupNorm32:
     """The autoencoder's norm: 32 groups, eps 1e-6 (`Normalize` in the official code)."""
-    return GroupNorm(GROUPS, channels, eps=1e-6)
+    return GroupNorm32(GROUPS, channels, eps=1e-6)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -93,11 +85,11 @@ class TemporalResBlock(nn.Module):
         # in_layers: 0 GroupNorm, 1 SiLU, 2 Conv3d
         # (the SiLUs work in place on the fresh GroupNorm outputs: less peak memory in the decoder)
         self.in_layers = nn.Sequential(
-            GroupNorm(GROUPS, channels, eps=1e-5), nn.SiLU(inplace=True), nn.Conv3d(channels, channels, kernel, padding=padding)
+            GroupNorm32(GROUPS, channels, eps=1e-5), nn.SiLU(inplace=True), nn.Conv3d(channels, channels, kernel, padding=padding)
         )
         # out_layers: 0 GroupNorm, 1 SiLU, 2 Dropout, 3 Conv3d
         self.out_layers = nn.Sequential(
-            GroupNorm(GROUPS, channels, eps=1e-5),
+            GroupNorm32(GROUPS, channels, eps=1e-5),
             nn.SiLU(inplace=True),
             nn.Dropout(dropout),
             nn.Conv3d(channels, channels, kernel, padding=padding),

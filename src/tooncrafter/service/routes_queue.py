@@ -173,6 +173,18 @@ def find_job(store: JobStore, owner: str, endpoint: str, request_id: str) -> Job
     return job
 
 
+def requested_job(
+    owner: str,
+    alias: str,
+    request_id: str,
+    caller: str = Depends(require_owner),
+    store: JobStore = Depends(get_store),
+    settings: Settings = Depends(get_app_settings),
+) -> Job:
+    """Dependency of the per-request routes: the caller's job at `/{owner}/{alias}/requests/{request_id}`."""
+    return find_job(store, caller, check_endpoint(settings, owner, alias), request_id)
+
+
 def enqueue(
     request: Request, store: JobStore, settings: Settings, *, owner: str, endpoint: str, params: ToonCrafterInput,
     webhook_url: str | None,
@@ -246,17 +258,11 @@ def queue_router() -> APIRouter:
 
     def status(
         request: Request,
-        owner: str,
-        alias: str,
-        request_id: str,
         logs: str | None = Query(None, description="1/true to include the logs"),
-        caller: str = Depends(require_owner),
+        job: Job = Depends(requested_job),
         store: JobStore = Depends(get_store),
-        settings: Settings = Depends(get_app_settings),
     ) -> JSONResponse:
         """202 while queued or running, 200 once completed."""
-        endpoint = check_endpoint(settings, owner, alias)
-        job = find_job(store, caller, endpoint, request_id)
         entries = [entry.to_fal() for entry in store.logs(job.id)] if wants_logs(logs) else None
         position = store.queue_position(job) if job.status == IN_QUEUE else None
         body = status_body(job, queue_base=queue_base_url(request), queue_position=position, logs=entries)
@@ -265,19 +271,14 @@ def queue_router() -> APIRouter:
     for path in (f"{base}/status", f"{base}/status/"):
         router.add_api_route(path, status, methods=["GET"], summary="Request status", include_in_schema=path.endswith("status"))
 
-    async def status_stream(
+    def status_stream(
         request: Request,
-        owner: str,
-        alias: str,
-        request_id: str,
         logs: str | None = Query(None, description="1/true to include the logs"),
-        caller: str = Depends(require_owner),
+        job: Job = Depends(requested_job),
         store: JobStore = Depends(get_store),
         settings: Settings = Depends(get_app_settings),
     ) -> StreamingResponse:
         """Server-sent status events; each carries only new log lines; closes after COMPLETED."""
-        endpoint = check_endpoint(settings, owner, alias)
-        job = await run_in_threadpool(find_job, store, caller, endpoint, request_id)
         events = _status_events(
             store, job.id, queue_base=queue_base_url(request), with_logs=wants_logs(logs), keepalive_s=settings.sse_keepalive_s
         )
@@ -290,17 +291,8 @@ def queue_router() -> APIRouter:
     for path in (f"{base}/status/stream", f"{base}/status/stream/"):
         router.add_api_route(path, status_stream, methods=["GET"], summary="Request status stream (SSE)", include_in_schema=not path.endswith("/"))
 
-    def result(
-        owner: str,
-        alias: str,
-        request_id: str,
-        caller: str = Depends(require_owner),
-        store: JobStore = Depends(get_store),
-        settings: Settings = Depends(get_app_settings),
-    ) -> Response:
+    def result(job: Job = Depends(requested_job)) -> Response:
         """The output (or the app's error, with its status code); 400 until the request completes."""
-        endpoint = check_endpoint(settings, owner, alias)
-        job = find_job(store, caller, endpoint, request_id)
         if job.status != COMPLETED:
             where = "in the queue" if job.status == IN_QUEUE else "in progress"
             raise ProtocolError(400, {"detail": f"Request is still {where}", "status": job.status}, job.id)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import threading
 import time
 from urllib.parse import urlsplit
 
 import httpx
 
+from tooncrafter.service.background import BackgroundLoop
 from tooncrafter.service.jobs import JobStore, PendingWebhook
 from tooncrafter.settings import Settings
 
@@ -55,32 +55,19 @@ def retry_delay_s(attempts_done: int, settings: Settings) -> float:
     return min(settings.webhook_base_delay_s * 2 ** (attempts_done - 1), settings.webhook_max_delay_s)
 
 
-class WebhookSender:
+class WebhookSender(BackgroundLoop):
     """Delivers due webhooks in a daemon thread until `stop()`."""
 
+    thread_name = "tooncrafter-webhooks"
+    stop_timeout_s = 10.0
+
     def __init__(self, store: JobStore, settings: Settings, *, poll_s: float = 1.0) -> None:
+        super().__init__()
         self._store = store
         self._settings = settings
         self._poll_s = poll_s
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="tooncrafter-webhooks", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-
-    def notify(self) -> None:
-        """A job just completed: look for due webhooks now rather than at the next poll."""
-        self._wake.set()
-
-    def _run(self) -> None:
+    def run_forever(self) -> None:
         with httpx.Client(timeout=self._settings.webhook_timeout_s, follow_redirects=False) as client:
             while not self._stop.is_set():
                 try:

@@ -47,6 +47,7 @@ from tooncrafter.schema import (
     ToonCrafterOutput,
     check_keyframe_lengths,
 )
+from tooncrafter.service.background import BackgroundLoop
 from tooncrafter.service.jobs import CANCELLED_OUTCOME, Job, JobOutcome, JobStore
 from tooncrafter.service.storage import Storage, public_file_url
 from tooncrafter.settings import Settings
@@ -129,8 +130,13 @@ class _Heartbeat:
                 logger.exception("heartbeat for job %s failed", job_id)
 
 
-class Worker:
-    """Runs jobs from `store` with the generator `generator_factory(settings)` builds (once)."""
+class Worker(BackgroundLoop):
+    """Runs jobs from `store` with the generator `generator_factory(settings)` builds (once).
+
+    Embedded in `tooncrafter serve` it runs in a daemon thread (`start`); `stop` ends it after the
+    current step, and a job in progress goes back to the queue."""
+
+    thread_name = "tooncrafter-worker"
 
     def __init__(
         self,
@@ -142,6 +148,7 @@ class Worker:
         on_complete: Callable[[], None] | None = None,
         worker_id: str | None = None,
     ) -> None:
+        super().__init__()
         self.store = store
         self.storage = storage
         self.settings = settings
@@ -149,9 +156,6 @@ class Worker:
         self._factory = generator_factory
         self._on_complete = on_complete
         self._generator: Generator | None = None
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._last_purge = 0.0
         self._heartbeat: _Heartbeat | None = None
         self._cancel_checked_at = 0.0
@@ -160,22 +164,6 @@ class Worker:
         self.ready = threading.Event()
 
     # --- lifecycle ----------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Run in a daemon thread (the embedded `tooncrafter serve`)."""
-        self._thread = threading.Thread(target=self.run_forever, name="tooncrafter-worker", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop after the current step; a job in progress goes back to the queue."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-
-    def notify(self) -> None:
-        """A job was just queued: look now instead of at the next poll."""
-        self._wake.set()
 
     @property
     def alive(self) -> bool:
