@@ -49,6 +49,16 @@ def _encoders(config_text, config_image, text_state, image_state) -> tuple[TextE
     return load_into(text, text_state, "text_encoder"), load_into(image, image_state, "image_encoder")
 
 
+def _weightless(cls, config):
+    """A tower on `meta` (tokenizer and preprocessing need no weights); skipped when the fixture names a
+    custom OpenCLIP architecture without its json beside the config (then nothing defines the tower)."""
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except ValueError as exc:
+        pytest.skip(f"no OpenCLIP config for {config.arch!r}: {exc}")
+
+
 def _image_inputs(fx: FixtureSet) -> torch.Tensor:
     """The fixture's CLIP image inputs: [pipe_keyframe_1, pipe_keyframe_2, zeros]."""
     key1 = fx["pipe_keyframe_1"]
@@ -69,8 +79,7 @@ def test_tokenize_matches_open_clip_ids(directory: Path) -> None:
     _require(fx, "clip_text_tokens")
     if "clip_text_prompts" not in fx.meta:
         pytest.skip("fixtures_meta.json has no clip_text_prompts")
-    with torch.device("meta"):
-        text = TextEncoder(fx.config.text_encoder)
+    text = _weightless(TextEncoder, fx.config.text_encoder)
     tokens = text.tokenize(fx.meta["clip_text_prompts"])
     assert tokens.dtype == torch.int64
     assert torch.equal(tokens, fx["clip_text_tokens"])
@@ -100,8 +109,7 @@ def test_text_encoder_parity(directory: Path) -> None:
 def test_image_preprocess_fixture(directory: Path) -> None:
     fx = _load_fixtures(directory)
     _require(fx, "pipe_keyframe_1", "clip_image_preprocessed_0")
-    with torch.device("meta"):
-        image = ImageEncoder(fx.config.image_encoder)
+    image = _weightless(ImageEncoder, fx.config.image_encoder)
     result = compare("clip_image_preprocessed_0", image.preprocess(fx["pipe_keyframe_1"]), fx["clip_image_preprocessed_0"])
     assert result.passed, result
 

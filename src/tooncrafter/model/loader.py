@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -57,16 +57,21 @@ class ToonCrafterComponents:
         return found
 
 
-def build_on_meta(config: ToonCrafterConfig) -> dict[str, nn.Module]:
-    """Every component with its full parameter set on `meta` (no memory used): for key checks and loading."""
+def _builders(config: ToonCrafterConfig) -> dict[str, Callable[[], nn.Module]]:
+    return {
+        "unet": lambda: UNet3D(config.unet, image_tokens_per_frame=config.resampler.num_queries),
+        "vae": lambda: AutoencoderDualRef(config.vae),
+        "resampler": lambda: Resampler(config.resampler),
+        "text_encoder": lambda: TextEncoder(config.text_encoder),
+        "image_encoder": lambda: ImageEncoder(config.image_encoder),
+    }
+
+
+def build_on_meta(config: ToonCrafterConfig, components: tuple[str, ...] | None = None) -> dict[str, nn.Module]:
+    """Components (all by default) with their full parameter sets on `meta` (no memory used)."""
+    builders = _builders(config)
     with torch.device("meta"):
-        return {
-            "unet": UNet3D(config.unet, image_tokens_per_frame=config.resampler.num_queries),
-            "vae": AutoencoderDualRef(config.vae),
-            "resampler": Resampler(config.resampler),
-            "text_encoder": TextEncoder(config.text_encoder),
-            "image_encoder": ImageEncoder(config.image_encoder),
-        }
+        return {name: build() for name, build in builders.items() if components is None or name in components}
 
 
 def _finish(module: nn.Module, device: torch.device | str) -> nn.Module:
@@ -90,7 +95,7 @@ def load_components(
     if stray:
         shown = ", ".join(stray[:20]) + (f", ... ({len(stray) - 20} more)" if len(stray) > 20 else "")
         raise CheckpointError(f"checkpoint has keys that belong to no ToonCrafter component: {shown}")
-    modules = build_on_meta(config)
+    builders = _builders(config)
     loaded: dict[str, nn.Module | None] = {}
     for name in ("unet", "vae", "resampler", "text_encoder", "image_encoder"):
         if name not in components:
@@ -106,7 +111,9 @@ def load_components(
             continue
         else:
             raise CheckpointError(f"checkpoint has no {name} weights (no key starts with the {name} prefix)")
-        loaded[name] = _finish(load_into(modules[name], component_state, name, device=device, dtype=dtype), device)
+        with torch.device("meta"):
+            module = builders[name]()
+        loaded[name] = _finish(load_into(module, component_state, name, device=device, dtype=dtype), device)
     for name in ("unet", "vae", "resampler"):
         if loaded.get(name) is None and name in components:
             raise CheckpointError(f"{name} could not be loaded")
