@@ -223,3 +223,32 @@ def test_auth_isolation_with_python_client(tmp_path, tls):
         assert _result(run_python_client(probe, server, key="alice")) == {"status": "Completed", "result": 200}
         assert _result(run_python_client(probe, server, key="bob-id:bob-secret")) == {"status": 404, "result": 404}
         assert _result(run_python_client(probe, server, key="mallory")) == {"status": 401, "result": 401}
+
+
+def test_stream_gives_progress_then_the_output(tmp_path, tls):
+    """`fal_client.stream` (the sync SSE run): status events with step logs, then the output last."""
+    app = create_app(make_settings(tmp_path), generator_factory=fake_factory(FakeGenerator(step_sleep_s=0.02)))
+    with running_server(app, tls=tls) as server:
+        script = PRELUDE + textwrap.dedent(
+            """
+            events = list(fal_client.stream(APP, arguments={"keyframe_image_urls": keyframes(), "steps": 4, "seed": 3}))
+            try:  # a bad field is a plain 422 before any event (fal_client then fails parsing it as SSE)
+                list(fal_client.stream(APP, arguments={"keyframe_image_urls": keyframes(), "steps": 0}))
+                raised = None
+            except Exception as exc:
+                raised = type(exc).__name__
+            import os
+            reply = httpx.post(f"https://{os.environ['FAL_RUN_HOST']}/{APP}/stream", headers={"Authorization": "Key test-key"},
+                               json={"keyframe_image_urls": keyframes(), "steps": 0})
+            emit({"events": events, "raised": raised, "bad": {"status": reply.status_code, "body": reply.json()}})
+            """
+        )
+        out = _result(run_python_client(script, server))
+    events = out["events"]
+    progress, final = events[:-1], events[-1]
+    assert final["seed"] == 3 and final["video"]["content_type"] == "video/mp4"
+    messages = [log["message"] for event in progress for log in (event.get("logs") or [])]
+    assert [m for m in messages if m.startswith("step ")] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
+    assert progress[-1]["status"] == "COMPLETED"
+    assert out["raised"] is not None
+    assert out["bad"]["status"] == 422 and out["bad"]["body"]["detail"][0]["loc"][-1] == "steps"

@@ -279,7 +279,7 @@ def queue_router() -> APIRouter:
         settings: Settings = Depends(get_app_settings),
     ) -> StreamingResponse:
         """Server-sent status events; each carries only new log lines; closes after COMPLETED."""
-        events = _status_events(
+        events = status_events(
             store, job.id, queue_base=queue_base_url(request), with_logs=wants_logs(logs), keepalive_s=settings.sse_keepalive_s
         )
         return StreamingResponse(
@@ -334,7 +334,7 @@ def queue_router() -> APIRouter:
     return router
 
 
-async def _status_events(store: JobStore, job_id: str, *, queue_base: str, with_logs: bool, keepalive_s: float):
+async def status_events(store: JobStore, job_id: str, *, queue_base: str, with_logs: bool, keepalive_s: float):
     """SSE frames: a status event on every change (new logs, status, queue position), `: ping` when idle."""
     last_log_seq = 0
     last_state: tuple | None = None
