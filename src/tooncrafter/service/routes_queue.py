@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -46,6 +47,9 @@ def get_store(request: Request) -> JobStore:
     return request.app.state.job_store
 
 
+_HEADER_SAFE_ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
+
+
 class ProtocolError(Exception):
     """An error answered as JSON `body` with `status_code` (submit checks, fal's cancel bodies)."""
 
@@ -53,7 +57,8 @@ class ProtocolError(Exception):
         super().__init__(body.get("detail") or body.get("status"))
         self.status_code = status_code
         self.body = body
-        self.request_id = request_id
+        # only ids that can be a header value are echoed in `x-fal-request-id` (a path may carry anything)
+        self.request_id = request_id if request_id and _HEADER_SAFE_ID.fullmatch(request_id) else None
 
 
 def field_error_response(loc: list[Any], message: str) -> ProtocolError:
