@@ -135,3 +135,13 @@ def test_storage_from_url(tmp_path: Path) -> None:
 def test_public_file_url() -> None:
     assert public_file_url("http://h:8000/", "tok/a.png") == "http://h:8000/files/tok/a.png"
     assert public_file_url("https://x.example/api", "tok/a.png") == "https://x.example/api/files/tok/a.png"
+
+
+def test_every_backend_mints_keys_the_same_way(storage: LocalFileStorage) -> None:
+    from tooncrafter.service.s3_storage import S3Storage
+    from tooncrafter.service.storage import is_valid_key, key_file_name
+
+    s3 = S3Storage("bucket", "prefix", client=object())  # new_key never touches the client
+    for backend in (storage, s3):
+        key = backend.new_key("../Ünïcode clip.mp4")
+        assert is_valid_key(key) and key_file_name(key) == "Unicode_clip.mp4"

@@ -254,6 +254,11 @@ def _make_engine(url: str) -> Engine:
     return engine
 
 
+def _log_insert(job_id: str, message: str, level: str) -> Any:
+    """The INSERT of one log line stamped now (run it in the caller's transaction)."""
+    return insert(logs_table).values(job_id=job_id, timestamp=iso_now(), level=level, message=message)
+
+
 def _row_to_job(row: Any) -> Job:
     m = row._mapping
     return Job(
@@ -308,7 +313,7 @@ class JobStore:
     ) -> Job:
         job_id = str(uuid.uuid4())
         with self.engine.begin() as conn:
-            conn.execute(
+            row = conn.execute(
                 insert(jobs_table).values(
                     id=job_id,
                     endpoint=endpoint,
@@ -323,8 +328,8 @@ class JobStore:
                     cancel_requested=False,
                     file_keys_json="[]",
                 )
-            )
-            row = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).one()
+                .returning(*jobs_table.c)  # the stored row (seq, defaults) without a second query
+            ).one()
         return _row_to_job(row)
 
     def get(self, job_id: str) -> Job | None:
@@ -352,7 +357,7 @@ class JobStore:
 
     def add_log(self, job_id: str, message: str, level: str = "INFO") -> None:
         with self.engine.begin() as conn:
-            conn.execute(insert(logs_table).values(job_id=job_id, timestamp=iso_now(), level=level, message=message))
+            conn.execute(_log_insert(job_id, message, level))
 
     # --- workers ----------------------------------------------------------------------------------
 
@@ -371,7 +376,7 @@ class JobStore:
                 ).scalar_one_or_none()
                 if candidate is None:
                     return None
-                claimed = conn.execute(
+                row = conn.execute(
                     update(jobs_table)
                     .where(jobs_table.c.id == candidate, jobs_table.c.status == IN_QUEUE)
                     .values(
@@ -382,9 +387,9 @@ class JobStore:
                         started_at=now,
                         attempts=jobs_table.c.attempts + 1,
                     )
-                ).rowcount
-                if claimed == 1:
-                    row = conn.execute(select(jobs_table).where(jobs_table.c.id == candidate)).one()
+                    .returning(*jobs_table.c)
+                ).first()
+                if row is not None:
                     return _row_to_job(row)
         return None
 
@@ -469,10 +474,11 @@ class JobStore:
                 inference_time=outcome.inference_time,
                 file_keys_json=json.dumps(list(outcome.file_keys)),
             )
-        ).rowcount
-        if updated != 1:
+            .returning(jobs_table.c.webhook_url)
+        ).first()
+        if updated is None:
             return False
-        webhook_url = conn.execute(select(jobs_table.c.webhook_url).where(jobs_table.c.id == job_id)).scalar_one()
+        webhook_url = updated.webhook_url
         if webhook_url:
             conn.execute(
                 insert(webhooks_table).values(
@@ -500,11 +506,7 @@ class JobStore:
                 return CancelOutcome.ALREADY_COMPLETED if exists else CancelOutcome.NOT_FOUND
             # Still queued: complete it here, atomically (a worker claiming it meanwhile sees the flag instead).
             if self._finish(conn, job_id, [jobs_table.c.id == job_id, jobs_table.c.status == IN_QUEUE], CANCELLED_OUTCOME):
-                conn.execute(
-                    insert(logs_table).values(
-                        job_id=job_id, timestamp=iso_now(), level="WARN", message="Request cancelled while in queue"
-                    )
-                )
+                conn.execute(_log_insert(job_id, "Request cancelled while in queue", "WARN"))
                 return CancelOutcome.CANCELLED
         return CancelOutcome.REQUESTED
 
@@ -543,9 +545,10 @@ class JobStore:
                     .where(*fence)
                     .values(status=IN_QUEUE, worker_id=None, lease_token=None, lease_expires_at=None, started_at=None)
                 ).rowcount
+                if requeued:  # the requeue and its log line commit together
+                    conn.execute(_log_insert(job_id, "Worker lease expired; request requeued", "WARN"))
             if requeued:
                 count += 1
-                self.add_log(job_id, "Worker lease expired; request requeued", "WARN")
                 logger.warning("requeued job %s after its worker's lease expired", job_id)
         return count
 

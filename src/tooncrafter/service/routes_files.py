@@ -189,7 +189,7 @@ class PendingUploads:
                 raise ValueError(f"part {number} was not uploaded or its etag differs")
         return b"".join((pending.parts_dir / f"{number:05d}").read_bytes() for number, _ in parts)
 
-    def cleanup(self, storage: Storage, pending: PendingUpload) -> None:
+    def cleanup(self, storage: Storage, pending: PendingUpload, numbers: list[int] | None = None) -> None:
         cleanup_parts(pending)
 
 
@@ -458,10 +458,7 @@ def files_router(
             content_type = pending.content_type or DEFAULT_CONTENT_TYPE
             stored = await _store(storage, data, content_type, pending)
         finally:
-            if isinstance(pending_uploads, SignedUploads):
-                await run_in_threadpool(pending_uploads.cleanup, storage, pending, [n for n, _ in parts])
-            else:
-                pending_uploads.cleanup(storage, pending)
+            await run_in_threadpool(pending_uploads.cleanup, storage, pending, [n for n, _ in parts])
         return _upload_done(request, stored)
 
     @router.get("/files/{key:path}")
@@ -472,7 +469,7 @@ def files_router(
         stored = await run_in_threadpool(storage.stat, key)
         if stored is None:
             raise HTTPException(404, "file not found", headers=CORS_HEADERS)
-        return _file_response(request, storage, stored)
+        return await _file_response(request, storage, stored)
 
     @router.options("/files/{key:path}", include_in_schema=False)
     @router.options("/storage/upload/{rest:path}", include_in_schema=False)
@@ -560,7 +557,7 @@ def _upload_done(request: Request, stored: StoredFile) -> JSONResponse:
     return JSONResponse(body, headers=CORS_HEADERS)
 
 
-def _file_response(request: Request, storage: Storage, stored: StoredFile) -> Response:
+async def _file_response(request: Request, storage: Storage, stored: StoredFile) -> Response:
     size = stored.size
     etag = f'"{stored.key.split("/", 1)[0]}-{size}"'  # files are immutable: the key names the content
     headers = {
@@ -595,6 +592,6 @@ def _file_response(request: Request, storage: Storage, stored: StoredFile) -> Re
 
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type=stored.content_type)
-    return StreamingResponse(
-        storage.iter_range(stored.key, start, end), status_code=status, headers=headers, media_type=stored.content_type
-    )
+    # Opening the range is I/O (a GET on S3, a metadata read on disk): not on the event loop.
+    chunks = await run_in_threadpool(storage.iter_range, stored.key, start, end)
+    return StreamingResponse(chunks, status_code=status, headers=headers, media_type=stored.content_type)

@@ -13,7 +13,6 @@ at a non-AWS store.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,11 +22,10 @@ from tooncrafter.service.storage import (
     StorageError,
     StoredFile,
     is_valid_key,
+    key_file_name,
+    new_key,
     normalize_content_type,
-    safe_file_name,
 )
-
-_TOKEN_BYTES = 18  # as LocalFileStorage: 144 random bits
 
 
 class S3Storage:
@@ -66,7 +64,7 @@ class S3Storage:
     # -- keys -----------------------------------------------------------------------------------
 
     def new_key(self, file_name: str) -> str:
-        return f"{secrets.token_urlsafe(_TOKEN_BYTES)}/{safe_file_name(file_name)}"
+        return new_key(file_name)
 
     def object_name(self, key: str) -> str:
         """The object name of `key`; raises `InvalidKeyError` for anything this storage did not issue."""
@@ -91,7 +89,7 @@ class S3Storage:
             if _status(exc) in (409, 412):  # 412 PreconditionFailed; 409 when a concurrent write races
                 raise StorageError(f"storage key {key!r} already exists") from None
             raise StorageError(f"could not store {key!r} in s3://{self.bucket}: {exc}") from exc
-        return StoredFile(key=key, size=len(data), content_type=content_type, file_name=key.split("/", 1)[1])
+        return StoredFile(key=key, size=len(data), content_type=content_type, file_name=key_file_name(key))
 
     def read(self, key: str) -> bytes:
         return self._get(key)["Body"].read()
@@ -130,7 +128,7 @@ class S3Storage:
             key=key,
             size=int(head["ContentLength"]),
             content_type=normalize_content_type(head.get("ContentType")),
-            file_name=key.split("/", 1)[1],
+            file_name=key_file_name(key),
         )
 
     def delete(self, key: str) -> None:

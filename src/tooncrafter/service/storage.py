@@ -102,6 +102,16 @@ def is_valid_key(key: str) -> bool:
     return isinstance(key, str) and _KEY_RE.fullmatch(key) is not None
 
 
+def new_key(file_name: str) -> str:
+    """A fresh unguessable key `"{token}/{safe name}"`; every backend mints its keys here."""
+    return f"{secrets.token_urlsafe(_TOKEN_BYTES)}/{safe_file_name(file_name)}"
+
+
+def key_file_name(key: str) -> str:
+    """The file-name part of a valid key (what downloads are named)."""
+    return key.split("/", 1)[1]
+
+
 def safe_file_name(file_name: str | None, default: str = DEFAULT_FILE_NAME) -> str:
     """A file name made only of `[A-Za-z0-9._-]`, not starting with a dot, at most 100 chars.
 
@@ -148,7 +158,7 @@ class LocalFileStorage:
     # -- keys and paths ------------------------------------------------------------------------
 
     def new_key(self, file_name: str) -> str:
-        return f"{secrets.token_urlsafe(_TOKEN_BYTES)}/{safe_file_name(file_name)}"
+        return new_key(file_name)
 
     def _dir(self, key: str) -> Path:
         """The directory of `key`; raises `InvalidKeyError` for anything this class did not issue."""
@@ -173,12 +183,11 @@ class LocalFileStorage:
         if key is None:
             key = self.new_key(file_name)
         directory = self._dir(key)
-        name = key.split("/", 1)[1]
         stored = StoredFile(
             key=key,
             size=len(data),
             content_type=normalize_content_type(content_type),
-            file_name=name,
+            file_name=key_file_name(key),
         )
         try:
             directory.mkdir()  # fails if the key (token) was already used: no overwrites
