@@ -135,6 +135,7 @@ def test_unknown_ids_endpoints_and_paths_are_404(tmp_path):
             ("PUT", f"{Q}/requests/{unknown}/cancel"),
             ("POST", "/queue/fal-ai/flux"),
             ("POST", f"{Q}/not-a-path"),
+            ("POST", "/fal-ai/toon-crafter/not-a-path"),
             ("GET", "/nothing"),
         ]:
             kwargs = {"json": {"keyframe_image_urls": two_keyframes()}} if method == "POST" else {}
@@ -142,7 +143,9 @@ def test_unknown_ids_endpoints_and_paths_are_404(tmp_path):
             assert response.status_code == 404, (method, path, response.text)
             assert response.headers["content-type"] == "application/json"
             assert response.headers["x-fal-request-id"]
-        assert client.put(f"{Q}/requests/{unknown}/cancel").json()["status"] == "NOT_FOUND"
+        assert client.put(f"{Q}/requests/{unknown}/cancel").json() == {"status": "NOT_FOUND", "detail": "Request not found"}
+        assert client.get(f"{Q}/requests/{unknown}/status").json() == {"detail": "Request not found"}
+        assert client.get(f"{Q}/requests/{unknown}").headers["x-fal-request-id"] == unknown
 
 
 def test_cancel_codes(tmp_path):

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -24,10 +25,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from tooncrafter.schema import ToonCrafterInput
+from tooncrafter.schema import ToonCrafterInput, check_keyframe_lengths
 from tooncrafter.service.auth import require_owner
 from tooncrafter.service.jobs import COMPLETED, IN_QUEUE, CancelOutcome, Job, JobStore
 from tooncrafter.service.webhooks import WebhookURLError, check_webhook_url
+from tooncrafter.service.worker import field_error_body
 from tooncrafter.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -63,10 +65,7 @@ class ProtocolError(Exception):
 
 def field_error_response(loc: list[Any], message: str) -> ProtocolError:
     """A 422 naming one field, shaped like FastAPI's validation errors."""
-    where = ".".join(str(part) for part in loc)
-    return ProtocolError(
-        422, {"detail": [{"loc": ["body", *loc], "msg": message, "type": "value_error"}], "message": f"{where}: {message}"}
-    )
+    return ProtocolError(422, field_error_body(loc, message))
 
 
 # --- shared helpers -----------------------------------------------------------------------------
@@ -88,12 +87,10 @@ def check_input_urls(params: ToonCrafterInput, settings: Settings) -> None:
     from tooncrafter.service.inputs import InputError, decode_data_uri
 
     if params.keyframe_lengths is not None:
-        num_frames = settings.model_num_frames()
-        if sum(params.keyframe_lengths) != num_frames:
-            raise field_error_response(
-                ["keyframe_lengths"],
-                f"keyframe_lengths must sum to the model temporal length {num_frames}, got {sum(params.keyframe_lengths)}",
-            )
+        try:
+            check_keyframe_lengths(params.keyframe_lengths, len(params.keyframe_image_urls), settings.model_num_frames())
+        except ValueError as exc:
+            raise field_error_response(["keyframe_lengths"], str(exc)) from exc
 
     for index, url in enumerate(params.keyframe_image_urls):
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -170,24 +167,44 @@ def result_response(job: Job) -> Response:
     )
 
 
-def find_job(store: JobStore, owner: str, endpoint: str, request_id: str) -> Job:
-    """The job, if it exists and belongs to `owner` on `endpoint`; 404 otherwise (no existence leak)."""
+def sse_response(events: AsyncIterator[str], request_id: str) -> StreamingResponse:
+    """Server-sent events for request `request_id`, unbuffered by proxies."""
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={REQUEST_ID_HEADER: request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def find_job(store: JobStore, owner: str, endpoint: str, request_id: str, not_found: dict[str, Any] | None = None) -> Job:
+    """The job, if it exists and belongs to `owner` on `endpoint`; 404 `not_found` otherwise (no existence leak)."""
     job = store.get(request_id)
     if job is None or job.owner != owner or job.endpoint != endpoint:
-        raise ProtocolError(404, {"detail": "Request not found"}, request_id)
+        raise ProtocolError(404, not_found or {"detail": "Request not found"}, request_id)
     return job
 
 
-def requested_job(
-    owner: str,
-    alias: str,
-    request_id: str,
-    caller: str = Depends(require_owner),
-    store: JobStore = Depends(get_store),
-    settings: Settings = Depends(get_app_settings),
-) -> Job:
-    """Dependency of the per-request routes: the caller's job at `/{owner}/{alias}/requests/{request_id}`."""
-    return find_job(store, caller, check_endpoint(settings, owner, alias), request_id)
+class RequestedJob:
+    """Dependency of the per-request routes: the caller's job at `/{owner}/{alias}/requests/{request_id}`,
+    or a 404 with `not_found` as its body (fal's cancel answers `status: NOT_FOUND`)."""
+
+    def __init__(self, not_found: dict[str, Any] | None = None) -> None:
+        self.not_found = not_found
+
+    def __call__(
+        self,
+        owner: str,
+        alias: str,
+        request_id: str,
+        caller: str = Depends(require_owner),
+        store: JobStore = Depends(get_store),
+        settings: Settings = Depends(get_app_settings),
+    ) -> Job:
+        return find_job(store, caller, check_endpoint(settings, owner, alias), request_id, self.not_found)
+
+
+requested_job = RequestedJob()
+cancellable_job = RequestedJob({"status": "NOT_FOUND", "detail": "Request not found"})
 
 
 def enqueue(
@@ -215,6 +232,36 @@ def enqueue(
     return job
 
 
+def fal_webhook_query(
+    fal_webhook: str | None = Query(None, description="URL that receives fal's webhook envelope when the request completes."),
+) -> str | None:
+    return fal_webhook
+
+
+def no_webhook() -> None:
+    """The run routes take no webhook (fal's `fal_webhook` is a queue parameter)."""
+
+
+def submitted_job(webhook: Callable[..., str | None]) -> Callable[..., Job]:
+    """Dependency of the submit and run routes: the endpoint and the input checked, then the job queued.
+    `webhook` is the dependency giving its webhook URL (`fal_webhook_query` or `no_webhook`)."""
+
+    def dependency(
+        request: Request,
+        owner: str,
+        alias: str,
+        params: ToonCrafterInput,
+        webhook_url: str | None = Depends(webhook),
+        caller: str = Depends(require_owner),
+        store: JobStore = Depends(get_store),
+        settings: Settings = Depends(get_app_settings),
+    ) -> Job:
+        endpoint = check_endpoint(settings, owner, alias, request.path_params.get("subpath", ""))
+        return enqueue(request, store, settings, owner=caller, endpoint=endpoint, params=params, webhook_url=webhook_url)
+
+    return dependency
+
+
 class QueueSubmitted(BaseModel):
     """What submit answers (fal's queue handle); the URLs are absolute and point back at this server."""
 
@@ -235,23 +282,15 @@ def queue_router() -> APIRouter:
 
     def submit(
         request: Request,
-        owner: str,
-        alias: str,
-        params: ToonCrafterInput,
-        fal_webhook: str | None = Query(None, description="URL that receives fal's webhook envelope when the request completes."),
-        caller: str = Depends(require_owner),
+        job: Job = Depends(submitted_job(fal_webhook_query)),
         store: JobStore = Depends(get_store),
-        settings: Settings = Depends(get_app_settings),
     ) -> JSONResponse:
         """Queue a request; poll `status_url`, then fetch `response_url`."""
-        endpoint = check_endpoint(settings, owner, alias, request.path_params.get("subpath", ""))
-        job = enqueue(request, store, settings, owner=caller, endpoint=endpoint, params=params, webhook_url=fal_webhook)
-        queue_base = queue_base_url(request)
         body = {
             "status": "IN_QUEUE",
             "request_id": job.id,
             "gateway_request_id": job.id,
-            **request_urls(queue_base, endpoint, job.id),
+            **request_urls(queue_base_url(request), job.endpoint, job.id),
             "queue_position": store.queue_position(job),
         }
         return JSONResponse(body, headers={REQUEST_ID_HEADER: job.id})
@@ -287,11 +326,7 @@ def queue_router() -> APIRouter:
         events = status_events(
             store, job.id, queue_base=queue_base_url(request), with_logs=wants_logs(logs), keepalive_s=settings.sse_keepalive_s
         )
-        return StreamingResponse(
-            events,
-            media_type="text/event-stream",
-            headers={REQUEST_ID_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return sse_response(events, job.id)
 
     for path in (f"{base}/status/stream", f"{base}/status/stream/"):
         router.add_api_route(path, status_stream, methods=["GET"], summary="Request status stream (SSE)", include_in_schema=not path.endswith("/"))
@@ -307,20 +342,11 @@ def queue_router() -> APIRouter:
         router.add_api_route(path, result, methods=["GET"], summary="Request result", include_in_schema=not path.endswith("/"))
 
     def cancel(
-        owner: str,
-        alias: str,
-        request_id: str,
         request: Request,
-        caller: str = Depends(require_owner),
+        job: Job = Depends(cancellable_job),
         store: JobStore = Depends(get_store),
-        settings: Settings = Depends(get_app_settings),
     ) -> JSONResponse:
         """Remove a queued request, or ask a running one to stop between steps."""
-        endpoint = check_endpoint(settings, owner, alias)
-        try:
-            job = find_job(store, caller, endpoint, request_id)
-        except ProtocolError:
-            raise ProtocolError(404, {"status": "NOT_FOUND", "detail": "Request not found"}, request_id) from None
         outcome = store.request_cancel(job.id)
         headers = {REQUEST_ID_HEADER: job.id}
         if outcome is CancelOutcome.ALREADY_COMPLETED:

@@ -19,18 +19,17 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tooncrafter.schema import ToonCrafterInput, ToonCrafterOutput
-from tooncrafter.service.auth import require_owner
-from tooncrafter.service.jobs import COMPLETED, JobStore
+from tooncrafter.schema import ToonCrafterOutput
+from tooncrafter.service.jobs import COMPLETED, Job, JobStore
 from tooncrafter.service.routes_queue import (
-    REQUEST_ID_HEADER,
-    check_endpoint,
-    enqueue,
     get_app_settings,
     get_store,
+    no_webhook,
     queue_base_url,
     result_response,
+    sse_response,
     status_events,
+    submitted_job,
 )
 from tooncrafter.settings import Settings
 
@@ -42,18 +41,10 @@ def run_router() -> APIRouter:
 
     async def run(
         request: Request,
-        owner: str,
-        alias: str,
-        params: ToonCrafterInput,
-        caller: str = Depends(require_owner),
+        job: Job = Depends(submitted_job(no_webhook)),
         store: JobStore = Depends(get_store),
-        settings: Settings = Depends(get_app_settings),
     ) -> Response:
         """Run the model and wait for its output (no queue handle; use the queue for long jobs)."""
-        endpoint = check_endpoint(settings, owner, alias, request.path_params.get("subpath", ""))
-        job = await run_in_threadpool(
-            enqueue, request, store, settings, owner=caller, endpoint=endpoint, params=params, webhook_url=None
-        )
         while True:
             current = await run_in_threadpool(store.get, job.id)
             if current is None:  # purged: only if retention is shorter than the run
@@ -67,18 +58,11 @@ def run_router() -> APIRouter:
 
     async def run_stream(
         request: Request,
-        owner: str,
-        alias: str,
-        params: ToonCrafterInput,
-        caller: str = Depends(require_owner),
+        job: Job = Depends(submitted_job(no_webhook)),
         store: JobStore = Depends(get_store),
         settings: Settings = Depends(get_app_settings),
     ) -> StreamingResponse:
         """Run and stream progress (status events with new log lines), then the output as the last event."""
-        endpoint = check_endpoint(settings, owner, alias)
-        job = await run_in_threadpool(
-            enqueue, request, store, settings, owner=caller, endpoint=endpoint, params=params, webhook_url=None
-        )
 
         async def events():
             finished = False
@@ -100,11 +84,7 @@ def run_router() -> APIRouter:
                 if not finished:  # the client went away: stop the work it asked for
                     await run_in_threadpool(store.request_cancel, job.id)
 
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers={REQUEST_ID_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return sse_response(events(), job.id)
 
     router.add_api_route(
         "/{owner}/{alias}", run, methods=["POST"], summary="Run (wait for the output)", responses={200: {"model": ToonCrafterOutput}}

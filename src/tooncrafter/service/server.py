@@ -56,8 +56,6 @@ def serve(
                 host,
             )
             host = "127.0.0.1"
-    if not settings.auth_enabled:
-        logger.warning("the API is open (no API keys): anyone who can reach %s:%d can use it", host, port)
     app = create_app(settings, with_worker=with_worker)
     uvicorn.run(
         app,

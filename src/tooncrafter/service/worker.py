@@ -84,11 +84,17 @@ class JobFailed(Exception):
         self.outcome = JobOutcome(status_code=status_code, body=body, error=error, error_type=error_type)
 
 
-def field_error(loc: list[Any], message: str, error_type: str = "value_error") -> JobFailed:
-    """A 422 naming the field, in FastAPI's `detail` shape (as fal's FieldException)."""
+def field_error_body(loc: list[Any], message: str, error_type: str = "value_error") -> dict[str, Any]:
+    """A 422 body naming one body field, in FastAPI's `detail` shape (as fal's FieldException);
+    submit-time checks answer the same shape."""
     where = ".".join(str(part) for part in loc)
-    body = {"detail": [{"loc": ["body", *loc], "msg": message, "type": error_type}], "message": f"{where}: {message}"}
-    return JobFailed(422, body, f"{where}: {message}", None)
+    return {"detail": [{"loc": ["body", *loc], "msg": message, "type": error_type}], "message": f"{where}: {message}"}
+
+
+def field_error(loc: list[Any], message: str, error_type: str = "value_error") -> JobFailed:
+    """A job's 422 naming the field."""
+    body = field_error_body(loc, message, error_type)
+    return JobFailed(422, body, body["message"], None)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
