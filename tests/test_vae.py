@@ -18,7 +18,7 @@ from tooncrafter.model.attention import math_attention, sdpa_attention, set_atte
 from tooncrafter.model.checkpoint import PREFIXES, component_state_dict, load_into, read_state_dict
 from tooncrafter.model.config import builtin_config
 from tooncrafter.model.vae import AutoencoderDualRef
-from tooncrafter.model.vae_blocks import ReferenceFusionAttention
+from tooncrafter.model.vae_blocks import FUSION_HEADS, ReferenceFusionAttention
 
 STATE_DICT_LISTING = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tooncrafter_512_state_dict.json.gz"
 BATCH_TOLERANCE = 1e-4
@@ -147,9 +147,9 @@ def test_fusion_attention_goes_through_attention_fn(
             module.chunk_frames = 1
     frames = fixture_set["vae_dec_z"].shape[2]
     assert len(calls) == len(fusions) * -(-frames // 2)
-    # each call: the h*w queries of at most 2 frames against the 2*h*w tokens of both references, in 8 heads
+    # each call: the h*w queries of at most 2 frames against the 2*h*w tokens of both references, in the module's heads
     assert all(q_len in (k_len // 2, k_len) for q_len, k_len, _ in calls)
-    assert {heads for _, _, heads in calls} == {8}
+    assert {heads for _, _, heads in calls} == {FUSION_HEADS}
 
 
 @torch.no_grad()

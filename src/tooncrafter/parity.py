@@ -28,6 +28,7 @@ from tooncrafter.media import preprocess_keyframe
 from tooncrafter.model.checkpoint import read_state_dict
 from tooncrafter.model.clip import ImageEncoder, TextEncoder
 from tooncrafter.model.loader import ToonCrafterComponents, load_components
+from tooncrafter.model.vae import EncoderOutput
 from tooncrafter.pipeline import GuidanceRecord, ToonCrafterPipeline
 from tooncrafter.sampling import DDIMStepOutput, ddim_schedule
 
@@ -59,6 +60,14 @@ class _Stages:
         self.c = components
         self.report = report
         self.pipeline = ToonCrafterPipeline(components, device="cpu", dtype=torch.float32)
+        self._keyframe_encoding: EncoderOutput | None = None
+
+    def _encode_keyframes(self) -> EncoderOutput:
+        """The VAE posterior of the two fixture keyframes, computed once for the VAE and pipeline stages."""
+        if self._keyframe_encoding is None:
+            with torch.no_grad():
+                self._keyframe_encoding = self.c.vae.encode(torch.cat([self.f["pipe_keyframe_1"], self.f["pipe_keyframe_2"]]))
+        return self._keyframe_encoding
 
     def _needs(self, inputs: list[str], outputs: list[str], clip: bool = False) -> bool:
         present_outputs = [o for o in outputs if o in self.f.tensors]
@@ -91,7 +100,7 @@ class _Stages:
             return
         scale = self.c.config.diffusion.scale_factor
         with torch.no_grad():
-            enc = self.c.vae.encode(torch.cat([f["pipe_keyframe_1"], f["pipe_keyframe_2"]]))
+            enc = self._encode_keyframes()
             ours = {
                 "vae_enc_moments": enc.moments,
                 "vae_enc_mean": enc.mean,
@@ -236,8 +245,7 @@ class _Stages:
         if "pipe_z_all_frames" in f.tensors:
             # the official code encodes all T frames (key 1 repeated T/2 times, then key 2); the encoder is per
             # frame, so encoding the two distinct keyframes once and sampling with each frame's noise is the same
-            with torch.no_grad():
-                enc = self.c.vae.encode(torch.cat([f["pipe_keyframe_1"], f["pipe_keyframe_2"]]))
+            enc = self._encode_keyframes()
             which = torch.tensor([0] * (frames // 2) + [1] * (frames - frames // 2))
             z = self.c.config.diffusion.scale_factor * (enc.mean[which] + enc.std[which] * posterior_noise)
             self.report.check("pipe_z_all_frames", z.permute(1, 0, 2, 3).unsqueeze(0), f["pipe_z_all_frames"], PIPELINE_TOLERANCE)

@@ -287,16 +287,22 @@ class ToonCrafterPipeline:
         unet = self.components.unet
         use_cfg = cfg_scale != 1.0 and cond.context_uncond is not None
         if use_cfg:
-            c_concat = torch.cat([cond.c_concat, cond.c_concat]).to(self.dtype)
+            c_concat = torch.cat([cond.c_concat, cond.c_concat])
             context = torch.cat([cond.context_cond, cond.context_uncond]).to(self.dtype)
             fs = torch.cat([cond.fs, cond.fs])
         else:
-            c_concat, context, fs = cond.c_concat.to(self.dtype), cond.context_cond.to(self.dtype), cond.fs
+            c_concat, context, fs = cond.c_concat, cond.context_cond.to(self.dtype), cond.fs
+        # built once: the UNet input [x | c_concat] (cond and uncond rows share x) and the timestep vector;
+        # each step only writes x and t into them
+        batch, channels = cond.c_concat.shape[:2]
+        unet_in = torch.cat([torch.empty_like(c_concat), c_concat], dim=1).to(self.dtype)
+        x_slots = unet_in[:, :channels].unflatten(0, (-1, batch))  # [1 or 2, B, C, T, h, w]
+        timesteps = torch.empty(unet_in.shape[0], device=unet_in.device, dtype=torch.long)
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-            x_in = torch.cat([x, x]) if use_cfg else x
-            timesteps = torch.full((x_in.shape[0],), t, device=self.device, dtype=torch.long)
-            v = unet(torch.cat([x_in.to(self.dtype), c_concat], dim=1), timesteps, context, fs).float()
+            x_slots.copy_(x.unsqueeze(0))
+            timesteps.fill_(t)
+            v = unet(unet_in, timesteps, context, fs).float()
             v_cond, v_uncond = v.chunk(2) if use_cfg else (v, None)
             v_cfg, v_guided = guide(v_cond, v_uncond, cfg_scale if use_cfg else 1.0, GUIDANCE_RESCALE)
             if record is not None:
@@ -453,11 +459,10 @@ class ToonCrafterPipeline:
             else generator_noise(generator, self.device, torch.float32)
         )
         denoise = self.denoiser(cond, cfg_scale, record=guidance_callback)
-        with self._resident(None):
-            latents = sample_ddim(
-                denoise, x_T.to(self.device, torch.float32), plan, noise_fn,
-                on_step=on_step, should_cancel=should_cancel, callback=step_callback,
-            )
+        latents = sample_ddim(
+            denoise, x_T.to(self.device, torch.float32), plan, noise_fn,
+            on_step=on_step, should_cancel=should_cancel, callback=step_callback,
+        )
         if record is not None:
             record["latents"] = latents
 
