@@ -11,7 +11,6 @@ from tooncrafter.keyframes import (
     FramePick,
     frame_picks,
     keyframe_positions,
-    plan_keyframes,
     plan_windows,
     validate_keyframe_lengths,
 )
@@ -106,10 +105,7 @@ def test_keep_all_counts_and_order():
         picks = frame_picks(n, t, keep_all=True)
         assert len(picks) == (n - 1) * (t - 1) + 1
         assert picks == [(w, f) for w in range(n - 1) for f in range(t - 1)] + [(n - 2, t - 1)]
-        plan = plan_keyframes(n, t, keep_all=True)
-        assert plan.num_output_frames == len(picks)
-        assert plan.positions == [i * (t - 1) for i in range(n)]
-        check_keyframes_once(picks, n, t, plan.positions)
+        check_keyframes_once(picks, n, t, [i * (t - 1) for i in range(n)])
     # lengths are validated but do not matter with keep_all
     assert frame_picks(3, 16, [6, 5, 5], keep_all=True) == frame_picks(3, 16, keep_all=True)
     with pytest.raises(ValueError):
@@ -121,15 +117,6 @@ def check_keyframes_once(picks: list[FramePick], num_keyframes: int, num_frames:
     for k in range(num_keyframes):
         hits = [out for out, p in enumerate(picks) if tuple(p) in {(k, 0), (k - 1, last)}]
         assert hits == [positions[k]]
-
-
-def test_plan_keyframes_bundles_everything():
-    plan = plan_keyframes(3, 16, [6, 5, 5])
-    assert plan.windows == [(0, 1), (1, 2)]
-    assert plan.positions == [0, 8, 15]
-    assert plan.picks == frame_picks(3, 16, [6, 5, 5])
-    assert plan.num_output_frames == 16
-    assert isinstance(plan.picks[0], FramePick) and plan.picks[0].window == 0 and plan.picks[0].frame == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ Rounding is "half up" (floor(x + 1/2)) on exact fractions, so a plan never depen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple, Sequence
 
@@ -122,43 +121,3 @@ def frame_picks(
             picks.extend(FramePick(w, _round_half_up(Fraction(j * last, gap))) for j in range(gap))
     picks.append(FramePick(windows - 1, last))
     return picks
-
-
-@dataclass(frozen=True)
-class KeyframePlan:
-    """Everything the pipeline needs to turn N keyframes into one clip.
-
-    `windows[i]` is the (first, last) keyframe pair of window i; `picks[k]` says which window frame
-    becomes output frame k; `positions[i]` is the output frame showing keyframe i.
-    """
-
-    num_keyframes: int
-    num_frames: int
-    windows: list[tuple[int, int]]
-    positions: list[int]
-    picks: list[FramePick]
-
-    @property
-    def num_output_frames(self) -> int:
-        return len(self.picks)
-
-
-def plan_keyframes(
-    num_keyframes: int,
-    num_frames: int,
-    lengths: Sequence[int] | None = None,
-    keep_all: bool = False,
-) -> KeyframePlan:
-    """The windows, keyframe output positions and frame picks of one request."""
-    picks = frame_picks(num_keyframes, num_frames, lengths, keep_all)
-    if keep_all:
-        positions = [i * (num_frames - 1) for i in range(num_keyframes)]
-    else:
-        positions = keyframe_positions(num_keyframes, num_frames, lengths)
-    return KeyframePlan(
-        num_keyframes=num_keyframes,
-        num_frames=num_frames,
-        windows=plan_windows(num_keyframes),
-        positions=positions,
-        picks=picks,
-    )

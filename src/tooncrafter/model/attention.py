@@ -46,23 +46,6 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     return _merge_heads(weights @ v)
 
 
-def chunked_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    heads: int,
-    scale: float | None = None,
-    *,
-    max_batch: int,
-    fn: AttentionFunction = sdpa_attention,
-) -> torch.Tensor:
-    """`fn` over slices of the batch, so that a long batch (many frames x positions) stays bounded in memory."""
-    if q.shape[0] <= max_batch:
-        return fn(q, k, v, heads, scale)
-    outs = [fn(q[i : i + max_batch], k[i : i + max_batch], v[i : i + max_batch], heads, scale) for i in range(0, q.shape[0], max_batch)]
-    return torch.cat(outs)
-
-
 def set_attention_function(root: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
     """Swap the attention math of every layer under `root` that has an `attention_fn` attribute."""
     for module in root.modules():
