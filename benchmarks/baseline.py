@@ -24,9 +24,15 @@ from tooncrafter.model.config import ToonCrafterConfig
 from tooncrafter.model.resampler import Resampler
 from tooncrafter.model.unet import UNet3D
 from tooncrafter.model.vae import AutoencoderDualRef
-from tooncrafter.sampling import NoiseSchedule, ddim_schedule, generator_noise, guide, randn_tensor, sample_ddim
-
-GUIDANCE_RESCALE = 0.7
+from tooncrafter.pipeline import GUIDANCE_RESCALE
+from tooncrafter.sampling import (
+    NoiseSchedule,
+    ddim_schedule,
+    generator_noise,
+    guide,
+    randn_tensor,
+    sample_ddim,
+)
 
 
 class OfficialStyleBaseline:

@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.sizes import SIZES, prepare
-
-PARITY_TOLERANCE = 1e-3  # fixtures.PIPELINE_TOLERANCE: fp32 ours vs fp32 baseline
+from tooncrafter.fixtures import PIPELINE_TOLERANCE  # fp32 ours vs fp32 baseline
 
 # figures compared as ours / baseline (lower is better for all but FLOP/s)
 FIGURES = (
@@ -128,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         for tag, res in results.items():
             diff = float((videos[tag] - videos["baseline"]).abs().max())
             res["max_abs_diff_vs_baseline"] = diff
-            if tag != "baseline" and res["dtype"] == "float32" and not diff <= PARITY_TOLERANCE:
-                failures.append(f"{tag}: max |video - baseline| = {diff:.3g} > {PARITY_TOLERANCE}")
+            if tag != "baseline" and res["dtype"] == "float32" and not diff <= PIPELINE_TOLERANCE:
+                failures.append(f"{tag}: max |video - baseline| = {diff:.3g} > {PIPELINE_TOLERANCE}")
             ratios[tag] = {
                 key: (res[key] / base[key]) if (res.get(key) is not None and base.get(key)) else None for key, _ in FIGURES
             }
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(), "size": args.size, "steps": args.steps, "device": args.device,
         "cpu_model": cpu_model(), "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "threads": args.threads, "torch": torch.__version__, "load_average_at_end": os.getloadavg(), "checkpoint_dir": str(size.checkpoint_dir),
-        "parity_tolerance_fp32": PARITY_TOLERANCE, "results": results, "ratios_vs_baseline": ratios,
+        "parity_tolerance_fp32": PIPELINE_TOLERANCE, "results": results, "ratios_vs_baseline": ratios,
         "parity_failures": failures,
     }
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"{args.size}.json"

@@ -43,10 +43,6 @@ class BenchSize:
     name: str
     checkpoint_dir: Path  # holds model.ckpt + config.yaml (+ the OpenCLIP json it names)
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.checkpoint_dir / "model.ckpt"
-
 
 def _builtin_yaml() -> dict:
     text = resources.files("tooncrafter.configs").joinpath("tooncrafter_512.yaml").read_text()

@@ -40,9 +40,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def unet_flops(unet: torch.nn.Module, config, device: torch.device, dtype: torch.dtype) -> int:
-    """FLOPs of ONE batch-1 UNet call, counted with attention as plain matmuls (so SDPA and the math form count
-    the same work; FlopCounterMode does not see inside every fused SDPA kernel)."""
+def unet_flops(unet: torch.nn.Module, config, text_length: int, device: torch.device, dtype: torch.dtype) -> int:
+    """FLOPs of ONE batch-1 UNet call (context: `text_length` text tokens + the image tokens), counted with
+    attention as plain matmuls (so SDPA and the math form count the same work; FlopCounterMode does not see
+    inside every fused SDPA kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from tooncrafter.model.attention import math_attention, set_attention_function
@@ -51,7 +52,7 @@ def unet_flops(unet: torch.nn.Module, config, device: torch.device, dtype: torch
     set_attention_function(unet, math_attention)
     h, w = config.latent_size
     x = torch.zeros(1, config.unet.in_channels, config.num_frames, h, w, device=device, dtype=dtype)
-    length = 77 + config.resampler.num_queries * config.num_frames
+    length = text_length + config.resampler.num_queries * config.num_frames
     context = torch.zeros(1, length, config.unet.context_dim, device=device, dtype=dtype)
     t = torch.full((1,), 999, device=device, dtype=torch.long)
     try:
@@ -80,13 +81,13 @@ def main(spec_path: str, out_path: str) -> None:
         pipe = ToonCrafterPipeline.from_pretrained(
             ckpt_dir, device=device, dtype=dtype, offload=spec["offload"], compile=spec["compile"], progress=False
         )
-        config, unet = pipe.config, pipe.components.unet
+        config, unet, text_encoder = pipe.config, pipe.components.unet, pipe.components.text_encoder
     else:
         from benchmarks.baseline import OfficialStyleBaseline
 
         config = load_config(ckpt_dir / "config.yaml")
         pipe = OfficialStyleBaseline(config, str(ckpt_dir / "model.ckpt"), device)
-        unet = pipe.unet
+        unet, text_encoder = pipe.unet, pipe.text_encoder
     _sync(device)
     load_s, load_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
 
@@ -127,7 +128,7 @@ def main(spec_path: str, out_path: str) -> None:
     peak_vram_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
     # 4. FLOPs of one batch-1 UNet call (a step is two of them, batched or not)
-    flops = unet_flops(unet, config, device, dtype) if spec["flops"] else None
+    flops = unet_flops(unet, config, text_encoder.context_length, device, dtype) if spec["flops"] else None
 
     torch.save(video.float().cpu(), spec["video_out"])
     step_s = statistics.median(step_times) if step_times else None

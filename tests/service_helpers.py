@@ -24,7 +24,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tooncrafter.generation import GenerationCancelled, GenerationRequest, GenerationResult
+from tooncrafter.generation import (
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+)
 from tooncrafter.settings import Settings
 
 ENDPOINT = "fal-ai/toon-crafter"
@@ -245,26 +249,32 @@ def postgres_server(tmp_path: Path) -> Iterator[str]:
 JS_DIR = Path(__file__).parent / "js"
 
 
-def js_client_dir() -> Path:
-    """tests/js with @fal-ai/client installed (npm ci on first use). Skipped without node, except in CI,
-    where a missing client is a failure rather than a silently skipped check."""
-    import os
-    import shutil
-
+def unavailable(reason: str) -> None:
+    """Skip a test that needs a missing tool, except in CI (env CI set), where that is a failure."""
     import pytest
 
-    def unavailable(reason: str):
-        if os.environ.get("CI"):
-            pytest.fail(f"the JavaScript client tests cannot run in CI: {reason}")
-        pytest.skip(reason)
+    if os.environ.get("CI"):
+        pytest.fail(f"cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
+def npm_project_dir(directory: Path, package: str) -> Path:
+    """`directory` with its package.json installed (npm ci on first use, checked by `package` being in
+    node_modules). Skipped without node or npm, except in CI."""
+    import shutil
 
     if shutil.which("node") is None:
         unavailable("node is not installed")
-    if not (JS_DIR / "node_modules" / "@fal-ai" / "client").is_dir():
+    if not (directory / "node_modules" / package).is_dir():
         npm = shutil.which("npm")
         if npm is None:
             unavailable("npm is not installed")
-        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True)
+        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=directory, capture_output=True, text=True)
         if proc.returncode != 0:
-            unavailable(f"npm ci failed: {proc.stderr[-500:]}")
-    return JS_DIR
+            unavailable(f"npm ci in {directory.name} failed: {proc.stderr[-500:]}")
+    return directory
+
+
+def js_client_dir() -> Path:
+    """tests/js with @fal-ai/client installed."""
+    return npm_project_dir(JS_DIR, "@fal-ai/client")

@@ -35,8 +35,7 @@ def model_dir(fixture_set) -> Path:
 
 @pytest.fixture(scope="module")
 def model_config(model_dir):
-    config = load_config(model_dir / "config.yaml")
-    return config
+    return load_config(model_dir / "config.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,8 @@ def test_three_keyframes_fps_data_uri_and_keep_all(model_dir: Path, model_config
     keys = [str(EXAMPLES / "keyframe_1.png"), data_uri, str(EXAMPLES / "keyframe_1.png")]
     proc = _run("generate", *keys, "-o", str(out), "--checkpoint", str(model_dir), "--steps", "2", "--fps", "12", "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert _probe(out)[0] == model_config.num_frames and _probe(out)[3] == 12.0
+    frames, _, _, fps, _ = _probe(out)
+    assert frames == model_config.num_frames and fps == 12.0
     assert "seed: " in proc.stdout  # a random seed is printed
     out_all = tmp_path / "all.mp4"
     proc = _run("generate", *keys, "-o", str(out_all), "--checkpoint", str(model_dir), "--steps", "2", "--keep-all-frames", "--quiet")
@@ -99,6 +99,15 @@ def test_one_keyframe_missing_file_and_bad_checkpoint_exit_2(tmp_path: Path) -> 
     proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), str(EXAMPLES / "keyframe_2.png"), "-o", str(tmp_path / "x.mp4"),
                 "--checkpoint", str(tmp_path / "nope.ckpt"))
     assert proc.returncode == 2 and "nope.ckpt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_keyframe_lengths_must_sum_to_the_loaded_models_frames(model_dir: Path, model_config, needs_clip, tmp_path: Path) -> None:
+    lengths = f"1,{model_config.num_frames}"  # right count, one frame too many for this model
+    proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), str(EXAMPLES / "keyframe_2.png"), "-o", str(tmp_path / "x.mp4"),
+                "--checkpoint", str(model_dir), "--keyframe-lengths", lengths, "--steps", "1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "keyframe-lengths" in proc.stderr and str(model_config.num_frames) in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.mp4").exists()
 
 
 def test_convert_writes_safetensors_that_load_the_same(fixture_set, tmp_path: Path) -> None:

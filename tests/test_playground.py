@@ -17,8 +17,20 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from service_helpers import (
+    ENDPOINT,
+    JS_DIR,
+    TINY_CHECKPOINT,
+    FakeGenerator,
+    fake_factory,
+    make_settings,
+    npm_project_dir,
+    png_bytes,
+    running_server,
+    tiny_pipeline_factory,
+    unavailable,
+)
 
-from service_helpers import ENDPOINT, JS_DIR, FakeGenerator, fake_factory, make_settings, png_bytes, running_server, tiny_pipeline_factory
 from tooncrafter.service.app import create_app
 
 BROWSER_DIR = Path(__file__).parent / "browser"
@@ -50,7 +62,7 @@ def test_config_tells_whether_a_key_is_needed(tmp_path):
         assert client.get("/playground/config").json() == {
             "auth_required": False, "num_frames": 16, "endpoint_id": ENDPOINT, "max_keyframes": 16
         }
-    settings = make_settings(tmp_path, api_keys=["k1"], checkpoint=str(tiny_checkpoint()), endpoint_id="me/toons")
+    settings = make_settings(tmp_path, api_keys=["k1"], checkpoint=str(TINY_CHECKPOINT), endpoint_id="me/toons")
     with TestClient(create_app(settings, generator_factory=fake_factory())) as client:
         body = client.get("/playground/config").json()  # public: the page asks before it has a key
     assert body["auth_required"] is True and body["endpoint_id"] == "me/toons"
@@ -67,37 +79,17 @@ def test_openapi_submit_route_carries_the_example(tmp_path):
     assert "/" not in spec["paths"] and "/playground/config" not in spec["paths"]  # the page is not the API
 
 
-def tiny_checkpoint() -> Path:
-    from service_helpers import TINY_CHECKPOINT
-
-    return TINY_CHECKPOINT
-
-
 # --- the page in Chromium ----------------------------------------------------------------------
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"the browser tests cannot run in CI: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
 def browser_dir() -> Path:
-    """tests/browser with playwright-core installed (npm ci on first use), and a system Chromium."""
-    if shutil.which("node") is None:
-        _unavailable("node is not installed")
+    """tests/browser with playwright-core installed, and a system Chromium."""
     if not CHROMIUM.is_file():
-        _unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        npm = shutil.which("npm")
-        if npm is None:
-            _unavailable("npm is not installed")
-        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=BROWSER_DIR, capture_output=True, text=True)
-        if proc.returncode != 0:
-            _unavailable(f"npm ci failed: {proc.stderr[-500:]}")
+        unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+    directory = npm_project_dir(BROWSER_DIR, "playwright-core")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    return BROWSER_DIR
+    return directory
 
 
 @pytest.fixture
@@ -131,7 +123,7 @@ def page_errors(out: dict) -> list[str]:
 
 
 def test_generate_with_the_tiny_model(browser_dir, tmp_path, pngs):
-    app = create_app(make_settings(tmp_path, checkpoint=str(tiny_checkpoint())), generator_factory=tiny_pipeline_factory)
+    app = create_app(make_settings(tmp_path, checkpoint=str(TINY_CHECKPOINT)), generator_factory=tiny_pipeline_factory)
     with running_server(app) as server:
         out = run_browser(browser_dir, "generate", server, {**pngs, "steps": 4}, tmp_path)
         (entry,) = out["history"]

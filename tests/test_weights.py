@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tooncrafter import weights
-from tooncrafter.fixtures import DEFAULT_FIXTURES
+from tooncrafter.fixtures import fixtures_dir_from_env
 from tooncrafter.weights import (
     ResolvedCheckpoint,
     WeightsNotFoundError,
@@ -20,7 +20,7 @@ from tooncrafter.weights import (
     resolve_open_clip_weights,
 )
 
-TINY_A = DEFAULT_FIXTURES
+REFERENCE = fixtures_dir_from_env()  # only its file layout is used: model.ckpt + config.yaml
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -65,18 +65,18 @@ def _lay_out_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit
 # --------------------------------------------------------------------------------------------
 
 
-def _require_tiny_a() -> None:
-    if not (TINY_A / "model.ckpt").is_file():
-        pytest.skip(f"no reference checkpoint at {TINY_A}")
+def _require_reference() -> None:
+    if not (REFERENCE / "model.ckpt").is_file() or (REFERENCE / "model.safetensors").is_file():
+        pytest.skip(f"no reference model.ckpt (alone) at {REFERENCE}")
 
 
 def test_explicit_checkpoint_file_uses_builtin_config():
-    _require_tiny_a()
-    resolved = resolve_checkpoint(TINY_A / "model.ckpt")
+    _require_reference()
+    resolved = resolve_checkpoint(REFERENCE / "model.ckpt")
     assert resolved == ResolvedCheckpoint(
-        weights_path=TINY_A / "model.ckpt", config_path=None, directory=TINY_A, source="file"
+        weights_path=REFERENCE / "model.ckpt", config_path=None, directory=REFERENCE, source="file"
     )
-    assert resolve_checkpoint(str(TINY_A / "model.ckpt")).weights_path == TINY_A / "model.ckpt"
+    assert resolve_checkpoint(str(REFERENCE / "model.ckpt")).weights_path == REFERENCE / "model.ckpt"
 
 
 def test_explicit_safetensors_file(tmp_path: Path):
@@ -94,11 +94,12 @@ def test_file_with_unknown_suffix_is_refused(tmp_path: Path):
 
 
 def test_checkpoint_directory_with_config():
-    _require_tiny_a()
-    resolved = resolve_checkpoint(TINY_A)
-    assert resolved.weights_path == TINY_A / "model.ckpt"
-    assert resolved.config_path == TINY_A / "config.yaml"
-    assert resolved.directory == TINY_A and resolved.source == "directory"
+    _require_reference()
+    resolved = resolve_checkpoint(REFERENCE)
+    assert resolved.weights_path == REFERENCE / "model.ckpt"
+    assert resolved.config_path is not None and resolved.config_path.parent == REFERENCE
+    assert resolved.config_path.name in weights.DIRECTORY_CONFIG_NAMES
+    assert resolved.directory == REFERENCE and resolved.source == "directory"
 
 
 def test_directory_prefers_safetensors_and_config_is_optional(tmp_path: Path):
@@ -142,12 +143,12 @@ def test_hub_cache_dir_follows_the_environment_now(tmp_path: Path, monkeypatch: 
 
 
 def test_hub_default_resolves_from_offline_cache(offline_cache: Path):
-    _require_tiny_a()
-    snapshot = _lay_out_hub_cache(offline_cache, "Doubiiu/ToonCrafter", {"model.ckpt": TINY_A / "model.ckpt"})
+    _require_reference()
+    snapshot = _lay_out_hub_cache(offline_cache, "Doubiiu/ToonCrafter", {"model.ckpt": REFERENCE / "model.ckpt"})
     resolved = resolve_checkpoint(None)
     assert resolved.source == "hub"
     assert resolved.weights_path == snapshot / "model.ckpt"
-    assert resolved.weights_path.resolve() == (TINY_A / "model.ckpt").resolve()
+    assert resolved.weights_path.resolve() == (REFERENCE / "model.ckpt").resolve()
     assert resolved.config_path is None  # the hub repo is the 512 model
     assert resolved.directory == snapshot
 
@@ -216,9 +217,9 @@ def test_progress_bar_left_to_huggingface_hub_by_default(tmp_path: Path, monkeyp
 
 def test_hub_resolution_in_a_fresh_process(tmp_path: Path):
     """The real-life path: huggingface_hub reads HF_HUB_OFFLINE / HF_HUB_CACHE at import."""
-    _require_tiny_a()
+    _require_reference()
     cache = tmp_path / "cache"
-    snapshot = _lay_out_hub_cache(cache, "Doubiiu/ToonCrafter", {"model.ckpt": TINY_A / "model.ckpt"})
+    snapshot = _lay_out_hub_cache(cache, "Doubiiu/ToonCrafter", {"model.ckpt": REFERENCE / "model.ckpt"})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
     code = "from tooncrafter.weights import resolve_checkpoint; print(resolve_checkpoint(None).weights_path)"

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validated_input(args: argparse.Namespace, num_frames: int):
+def _validated_input(args: argparse.Namespace):
+    """The endpoint's own input rules; the sum of keyframe_lengths is checked once the model is loaded."""
     from pydantic import ValidationError
 
     from tooncrafter.schema import ToonCrafterInput
@@ -101,7 +102,7 @@ def _validated_input(args: argparse.Namespace, num_frames: int):
         "keep_all_frames": args.keep_all_frames,
     }
     try:
-        return ToonCrafterInput.model_validate(fields, context={"num_frames": num_frames})
+        return ToonCrafterInput.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "input"
@@ -112,13 +113,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from tooncrafter.generation import GenerationRequest, random_seed
-    from tooncrafter.media import MediaError, load_image, write_video
+    from tooncrafter.media import (
+        VIDEO_CONTENT_TYPES,
+        MediaError,
+        load_image,
+        write_video,
+    )
     from tooncrafter.pipeline import ToonCrafterPipeline
+    from tooncrafter.schema import check_keyframe_lengths
 
-    # the sum of keyframe_lengths is checked against the loaded model's frame count below
-    inputs = _validated_input(args, sum(args.keyframe_lengths or []) or 16)
+    inputs = _validated_input(args)
     output = Path(args.output)
-    if output.suffix.lower() not in (".mp4", ".webm", ".gif"):
+    if output.suffix.lower().lstrip(".") not in VIDEO_CONTENT_TYPES:  # before the model loads, not after
         raise UsageError(f"output: unsupported video type {output.suffix!r} (use .mp4, .webm or .gif)")
     images = []
     for i, source in enumerate(inputs.keyframe_image_urls):
@@ -129,8 +135,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     pipeline = ToonCrafterPipeline.from_pretrained(
         args.checkpoint, device=args.device, dtype=args.dtype, offload=args.offload, compile=args.compile
     )
-    if inputs.keyframe_lengths is not None and sum(inputs.keyframe_lengths) != pipeline.num_frames:
-        raise UsageError(f"keyframe-lengths: must sum to the model's {pipeline.num_frames} frames, got {sum(inputs.keyframe_lengths)}")
+    if inputs.keyframe_lengths is not None:
+        try:
+            check_keyframe_lengths(inputs.keyframe_lengths, len(images), pipeline.num_frames)
+        except ValueError as exc:
+            raise UsageError(f"keyframe-lengths: {exc}") from None
     seed = inputs.seed if inputs.seed is not None else random_seed()
     request = GenerationRequest.from_input(inputs, images, seed)
     with tqdm(total=inputs.steps, desc="denoising", unit="step", disable=args.quiet, file=sys.stderr) as bar:

@@ -112,11 +112,9 @@ def load_image(
     own fetcher (which also refuses private addresses) and then `decode_image`.
     """
     if isinstance(source, str) and source[:5].lower() == "data:":
-        mime, data = parse_data_uri(source)
+        mime, data = parse_data_uri(source, max_bytes=max_bytes)
         if not (mime.startswith("image/") or mime == "application/octet-stream"):
             raise MediaError(f"data URI has media type {mime!r}, expected an image/* type")
-        if len(data) > max_bytes:
-            raise MediaError(f"data URI image is {len(data)} bytes, more than the limit of {max_bytes}")
     elif isinstance(source, str) and source.split(":", 1)[0].lower() in ("http", "https"):
         data = _fetch_url(source, max_bytes=max_bytes, timeout_s=timeout_s)
     else:
@@ -345,27 +343,32 @@ def encode_video(
     the GIF writer; the timing stays right). yuv420p needs even sides: an odd
     height or width is padded by repeating the last row/column.
     """
+    if format not in VIDEO_CONTENT_TYPES:
+        raise MediaError(f"unknown video format {format!r}; expected one of {sorted(VIDEO_CONTENT_TYPES)}")
+    with tempfile.TemporaryDirectory(prefix="tooncrafter-video-") as tmp:
+        # A real file, not BytesIO: +faststart rewrites the file in a second pass, which needs a path.
+        return _write_video(frames, fps, Path(tmp) / f"video.{format}", format, crf).read_bytes()
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: int, *, crf: int = DEFAULT_CRF) -> Path:
+    """Encode `frames` straight into `path`; the format comes from the suffix (.mp4, .webm, .gif)."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in VIDEO_CONTENT_TYPES:
+        raise MediaError(f"cannot tell the video format from {path.name!r}; use .mp4, .webm or .gif")
+    return _write_video(frames, fps, path, fmt, crf)  # type: ignore[arg-type]
+
+
+def _write_video(frames: np.ndarray, fps: int, path: Path, format: VideoFormat, crf: int) -> Path:
     frames = _check_frames(frames)
     if not isinstance(fps, numbers.Integral) or isinstance(fps, bool) or fps < 1:
         raise MediaError(f"fps must be a positive integer, got {fps!r}")
     fps = int(fps)
     if format == "gif":
-        return _encode_gif(frames, fps)
-    if format == "mp4":
-        return _encode_with_encoders(frames, fps, "mp4", _available_encoders(_H264_ENCODERS), crf)
-    if format == "webm":
-        return _encode_with_encoders(frames, fps, "webm", _available_encoders(("libvpx-vp9", "libvpx")), crf)
-    raise MediaError(f"unknown video format {format!r}; expected one of {sorted(VIDEO_CONTENT_TYPES)}")
-
-
-def write_video(frames: np.ndarray, path: str | Path, fps: int, *, crf: int = DEFAULT_CRF) -> Path:
-    """Encode `frames` and write them to `path`; the format comes from the suffix (.mp4, .webm, .gif)."""
-    path = Path(path)
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in VIDEO_CONTENT_TYPES:
-        raise MediaError(f"cannot tell the video format from {path.name!r}; use .mp4, .webm or .gif")
-    data = encode_video(frames, fps, format=fmt, crf=crf)  # type: ignore[arg-type]
-    path.write_bytes(data)
+        path.write_bytes(_encode_gif(frames, fps))
+    else:
+        encoders = _H264_ENCODERS if format == "mp4" else ("libvpx-vp9", "libvpx")
+        _encode_with_encoders(frames, fps, path, format, _available_encoders(encoders), crf)
     return path
 
 
@@ -400,13 +403,14 @@ def _available_encoders(names: tuple[str, ...]) -> list[str]:
     return found
 
 
-def _encode_with_encoders(frames: np.ndarray, fps: int, container: str, encoders: list[str], crf: int) -> bytes:
+def _encode_with_encoders(frames: np.ndarray, fps: int, path: Path, container: str, encoders: list[str], crf: int) -> None:
     if not encoders:
         raise MediaError(f"this PyAV build has no usable encoder for {container}")
+    frames = _pad_even(frames)
     errors = []
     for codec in encoders:
         try:
-            return _encode_av(frames, fps, container, codec, crf)
+            return _mux_av(frames, fps, path, container, codec, crf)
         except av.FFmpegError as exc:  # e.g. a hardware encoder without its device
             logger.debug("encoder %s failed: %s", codec, exc)
             errors.append(f"{codec}: {exc}")
@@ -420,15 +424,6 @@ def _encoder_options(codec: str, crf: int) -> dict[str, str]:
         # Constant quality mode: crf with a zero bitrate target.
         return {"crf": str(min(63, max(4, crf + 10))), "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"}
     return {}
-
-
-def _encode_av(frames: np.ndarray, fps: int, container_format: str, codec: str, crf: int) -> bytes:
-    frames = _pad_even(frames)
-    # A real file, not BytesIO: +faststart rewrites the file in a second pass, which needs a path.
-    with tempfile.TemporaryDirectory(prefix="tooncrafter-video-") as tmp:
-        path = Path(tmp) / f"video.{container_format}"
-        _mux_av(frames, fps, path, container_format, codec, crf)
-        return path.read_bytes()
 
 
 def _mux_av(frames: np.ndarray, fps: int, path: Path, container_format: str, codec: str, crf: int) -> None:

@@ -13,9 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 MAX_KEYFRAMES = 16
 MAX_SEED = 2**32 - 1
-# The temporal length of the released 512 model; a service running another checkpoint
-# re-checks `keyframe_lengths` against its own model (see `check_keyframe_lengths`).
-DEFAULT_NUM_FRAMES = 16
 
 EXAMPLE_KEYFRAMES = [
     "https://storage.googleapis.com/falserverless/web-examples/tooncrafter/image-1.png",
