@@ -61,10 +61,8 @@ def default_generator_factory(settings: Settings) -> Generator:
     """The real pipeline from the settings' checkpoint, device and dtype (imported here: torch is heavy)."""
     from tooncrafter.pipeline import ToonCrafterPipeline
 
-    device = None if settings.device in (None, "auto") else settings.device
-    dtype = None if settings.dtype in (None, "auto") else settings.dtype
     return ToonCrafterPipeline.from_pretrained(
-        settings.checkpoint, device=device, dtype=dtype, offload=settings.offload, compile=settings.compile
+        settings.checkpoint, device=settings.device, dtype=settings.dtype, offload=settings.offload, compile=settings.compile
     )
 
 
