@@ -24,7 +24,7 @@ from tooncrafter.model.config import ToonCrafterConfig
 from tooncrafter.model.resampler import Resampler
 from tooncrafter.model.unet import UNet3D
 from tooncrafter.model.vae import AutoencoderDualRef
-from tooncrafter.pipeline import GUIDANCE_RESCALE
+from tooncrafter.pipeline import GUIDANCE_RESCALE, decode_with_splice
 from tooncrafter.sampling import (
     NoiseSchedule,
     ddim_schedule,
@@ -108,13 +108,5 @@ class OfficialStyleBaseline:
         latents = sample_ddim(denoise, x_T.to(dev), plan, generator_noise(generator, dev, torch.float32), on_step=on_step)
 
         # the two full decodes and the middle-frame splice
-        zd = latents / cfg.diffusion.scale_factor
-        full = self.vae.decode(zd, refs, chunk_frames=frames)
-        if frames >= 3:
-            keep = list(range(frames))
-            del keep[1]
-            del keep[-2]  # as officially: drop latent frames 1 and T-2
-            mid = self.vae.decode(zd[:, :, keep], refs, chunk_frames=frames)
-            half = frames // 2
-            full[:, :, half - 1 : half + 1] = mid[:, :, half - 2 : half]
+        full = decode_with_splice(self.vae, latents / cfg.diffusion.scale_factor, refs, chunk_frames=frames)
         return full

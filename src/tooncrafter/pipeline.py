@@ -19,8 +19,8 @@ per step), and the multi-keyframe frame plan of keyframes.py.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -28,9 +28,15 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from tooncrafter import keyframes as keyframe_plan
-from tooncrafter.generation import CancelCheck, GenerationRequest, GenerationResult, ProgressCallback
+from tooncrafter.generation import (
+    CancelCheck,
+    GenerationRequest,
+    GenerationResult,
+    ProgressCallback,
+)
 from tooncrafter.media import preprocess_keyframe, video_to_frames
 from tooncrafter.model.checkpoint import has_component, read_state_dict
 from tooncrafter.model.config import ToonCrafterConfig, builtin_config, load_config
@@ -73,6 +79,26 @@ class Conditioning:
     context_uncond: torch.Tensor | None  # None when cfg_scale == 1
     ref_context: list[torch.Tensor]  # 5 x [B, C_i, 2, h_i, w_i]
     fs: torch.Tensor  # [B] int64
+
+
+def decode_with_splice(vae: nn.Module, z: torch.Tensor, refs: Sequence[torch.Tensor], *, chunk_frames: int) -> torch.Tensor:
+    """Unscaled latents `[B, C, T, h, w]` -> video `[B, 3, T, H, W]`, as the official scripts decode.
+
+    They decode twice and splice: the two middle frames come from a second decode without latent
+    frames 1 and T-2 (`del index[1]; del index[-2]`), so that the references land on that decode's
+    first and last frame again. For T = 3 that leaves [2], whose one frame the slices broadcast onto
+    frames 0 and 1; for T = 2 the official code fails, and there is no splice here.
+    """
+    num_frames = z.shape[2]
+    full = vae.decode(z, refs, chunk_frames=chunk_frames)
+    if num_frames >= 3:
+        keep = list(range(num_frames))
+        del keep[1]
+        del keep[-2]
+        mid = vae.decode(z[:, :, keep], refs, chunk_frames=chunk_frames)
+        half = num_frames // 2
+        full[:, :, half - 1 : half + 1] = mid[:, :, half - 2 : half]
+    return full
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -318,23 +344,12 @@ class ToonCrafterPipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, ref_context: Sequence[torch.Tensor]) -> torch.Tensor:
         """Scaled latents `[B, C, T, h, w]` -> video `[B, 3, T, H, W]` (not clamped), with the official
-        splice: the two middle frames come from a second decode without latent frames 1 and T-2, so that
-        the references land on that decode's first and last frame again."""
+        middle-frame splice (`decode_with_splice`)."""
         vae = self.components.vae
-        num_frames = latents.shape[2]
         z = (latents / self.config.diffusion.scale_factor).to(self.device, self.dtype)
         refs = [r.to(self.device, self.dtype) for r in ref_context]
         with self._resident(vae):
-            full = vae.decode(z, refs, chunk_frames=self.num_frames)
-            if num_frames >= 3:  # the official code fails for T = 2 (nothing left to drop)
-                # drop latent frames 1 and T-2 exactly as officially (`del index[1]; del index[-2]`: for T = 3
-                # that leaves [2], and the slices below then broadcast its one frame onto frames 0 and 1)
-                keep = list(range(num_frames))
-                del keep[1]
-                del keep[-2]
-                mid = vae.decode(z[:, :, keep], refs, chunk_frames=self.num_frames)
-                half = num_frames // 2
-                full[:, :, half - 1 : half + 1] = mid[:, :, half - 2 : half]
+            full = decode_with_splice(vae, z, refs, chunk_frames=self.num_frames)
         return full.float()
 
     # ------------------------------------------------------------------------------------------------
