@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import threading
@@ -339,7 +338,7 @@ def test_pending_uploads_expire() -> None:
     now = [0.0]
     uploads = PendingUploads(ttl_s=10, clock=lambda: now[0])
     token = uploads.issue("k", "image/png", "a.png")
-    multipart = uploads.issue("m", None, "b", multipart=True)
+    uploads.issue("m", None, "b", multipart=True)
     now[0] = 11.0
     assert uploads.take(token, multipart=False) is None
     uploads.purge_expired()

@@ -8,6 +8,7 @@ that has nothing passed to it. There is deliberately no module-level instance.
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -145,13 +146,16 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=8)
 def _num_frames_of(checkpoint: str | None) -> int:
     from tooncrafter.model.config import builtin_config, load_config
+    from tooncrafter.weights import WeightsNotFoundError, resolve_checkpoint
 
-    if checkpoint:
-        directory = Path(checkpoint)
-        for name in ("config.yaml", "config.json"):
-            if (directory / name).is_file():
-                return load_config(directory / name).num_frames
-    return builtin_config().num_frames
+    # A given checkpoint is resolved locally (file or directory); none means the released 512 model.
+    # An API process may not see the workers' checkpoint path: the worker re-checks against its model.
+    try:
+        config_path = resolve_checkpoint(checkpoint).config_path if checkpoint else None
+    except WeightsNotFoundError as exc:
+        logging.getLogger(__name__).warning("checking keyframe_lengths against the 512 model's frames: %s", exc)
+        config_path = None
+    return load_config(config_path).num_frames if config_path is not None else builtin_config().num_frames
 
 
 @lru_cache(maxsize=1)
