@@ -93,7 +93,7 @@ def main(spec_path: str, out_path: str) -> None:
 
     # 2. one whole request (preprocessed keyframes -> float video), timing every step
     images = keyframes(*config.pixel_size)
-    from tooncrafter.media import preprocess_keyframe
+    from tooncrafter.media.tensors import preprocess_keyframe
 
     pixels = torch.stack([preprocess_keyframe(im, *config.pixel_size) for im in images])
     stamps: list[float] = []

@@ -91,11 +91,42 @@ def test_bad_options_exit_2_with_one_line(extra: list[str], message: str, tmp_pa
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+BAD_INPUTS = [
+    (["--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["--cfg-scale", "nan"], "--cfg-scale: must be a finite number"),
+    (["--eta", "2"], "--eta: must be <= 1, got 2"),
+    (["--keyframe-lengths", "3,3,3"], "--keyframe-lengths: has 3 entries but there are 2 keyframes"),
+    (["--prompt", "x" * 2001], "--prompt: is longer than 2000 characters"),
+    (["-o", "clip.avi"], "--output: unsupported video type '.avi'"),
+    (["--checkpoint", "/nonexistent/model.ckpt"], "--checkpoint /nonexistent/model.ckpt: no such file"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_INPUTS)
+def test_bad_input_is_reported_in_our_words_before_torch_is_imported(extra: list[str], message: str, tmp_path: Path) -> None:
+    """Every argument is checked (and every keyframe read) before torch loads: bad input answers at once."""
+    argv = ["generate", str(EXAMPLES / "keyframe_1.png"), str(EXAMPLES / "keyframe_2.png"), "-o", str(tmp_path / "x.mp4"), *extra]
+    script = (
+        "import sys, contextlib, io\n"
+        "from tooncrafter.cli import main\n"
+        "err = io.StringIO()\n"
+        "with contextlib.redirect_stderr(err):\n"
+        f"    code = main({argv!r})\n"
+        "print(code, 'torch' in sys.modules, repr(err.getvalue()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    code, torch_loaded, stderr = proc.stdout.strip().split(" ", 2)
+    assert (code, torch_loaded) == ("2", "False"), proc.stdout + proc.stderr
+    assert message in stderr
+    for leak in ("Value error", "validation error", "List should", "Input should", "keyframe_image_urls"):
+        assert leak not in stderr
+
+
 def test_one_keyframe_missing_file_and_bad_checkpoint_exit_2(tmp_path: Path) -> None:
     proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), "-o", str(tmp_path / "x.mp4"))
-    assert proc.returncode == 2 and "keyframe-image-urls" in proc.stderr
+    assert proc.returncode == 2 and "KEYFRAME: needs at least 2 keyframes, got 1" in proc.stderr
     proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), str(tmp_path / "missing.png"), "-o", str(tmp_path / "x.mp4"))
-    assert proc.returncode == 2 and "keyframe 2" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "KEYFRAME 2" in proc.stderr and "Traceback" not in proc.stderr
     proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), str(EXAMPLES / "keyframe_2.png"), "-o", str(tmp_path / "x.mp4"),
                 "--checkpoint", str(tmp_path / "nope.ckpt"))
     assert proc.returncode == 2 and "nope.ckpt" in proc.stderr and "Traceback" not in proc.stderr

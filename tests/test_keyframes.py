@@ -127,13 +127,13 @@ def check_keyframes_once(picks: list[FramePick], num_keyframes: int, num_frames:
 def test_validation_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"has 2 entries but there are 3 keyframes \(one length per keyframe\)"):
         validate_keyframe_lengths([8, 8], 3, 16)
-    with pytest.raises(ValueError, match="every keyframe_lengths entry must be >= 1"):
+    with pytest.raises(ValueError, match="every entry must be >= 1"):
         validate_keyframe_lengths([16, 0, 0], 3, 16)
-    with pytest.raises(ValueError, match="every keyframe_lengths entry must be >= 1"):
+    with pytest.raises(ValueError, match="every entry must be >= 1"):
         validate_keyframe_lengths([17, -1], 2, 16)
-    with pytest.raises(ValueError, match="must sum to the model temporal length 16, got 15"):
+    with pytest.raises(ValueError, match="must sum to the model's frame count 16, got 15"):
         validate_keyframe_lengths([5, 5, 5], 3, 16)
-    with pytest.raises(ValueError, match="must sum to the model temporal length 8, got 16"):
+    with pytest.raises(ValueError, match="must sum to the model's frame count 8, got 16"):
         validate_keyframe_lengths([8, 8], 2, 8)
     with pytest.raises(ValueError, match="list of integers"):
         validate_keyframe_lengths([8.0, 8.0], 2, 16)  # type: ignore[list-item]
@@ -141,7 +141,7 @@ def test_validation_errors_name_the_problem():
         validate_keyframe_lengths([True, 15], 2, 16)
     validate_keyframe_lengths([6, 5, 5], 3, 16)  # valid: no error
     # the planning functions validate too
-    with pytest.raises(ValueError, match="sum to the model temporal length 16"):
+    with pytest.raises(ValueError, match="sum to the model's frame count 16"):
         keyframe_positions(3, 16, [5, 5, 5])
     with pytest.raises(ValueError, match="one length per keyframe"):
         frame_picks(3, 16, [8, 8])

@@ -18,16 +18,10 @@ import torch
 from PIL import Image
 
 from tooncrafter.fixtures import FixtureSet
-from tooncrafter.media import (
-    MediaError,
-    decode_image,
-    encode_video,
-    load_image,
-    parse_data_uri,
-    preprocess_keyframe,
-    video_to_frames,
-    write_video,
-)
+from tooncrafter.media import MediaError
+from tooncrafter.media.images import decode_image, load_image, parse_data_uri
+from tooncrafter.media.tensors import preprocess_keyframe, video_to_frames
+from tooncrafter.media.video import encode_video, write_video
 
 
 def _png_bytes(image: Image.Image, **kwargs) -> bytes:

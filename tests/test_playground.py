@@ -29,6 +29,7 @@ from service_helpers import (
     running_server,
     tiny_pipeline_factory,
     unavailable,
+    wait_until,
 )
 
 from tooncrafter.service.app import create_app
@@ -184,7 +185,7 @@ def test_invalid_inputs_show_at_their_field(browser_dir, tmp_path, pngs):
     assert unexpected == [], page_errors(out)
     assert "100" in out["steps"]["error"] and out["steps"]["invalid"] == "true"
     assert out["stepsCleared"] == ""  # editing the field clears its message
-    assert "sum to the model temporal length 16" in out["lengths"]
+    assert "sum to the model's frame count 16" in out["lengths"]
     assert "http(s) URL" in out["keyframe"]["error"] and out["keyframe"]["marked"] == ["2"]
     assert out["history"] == []  # nothing was queued (422 at submit)
 
@@ -215,8 +216,20 @@ def test_api_key_field_when_the_server_needs_keys(browser_dir, tmp_path, pngs):
             assert f"{server.base_url}/files/" in proc.stdout.splitlines()[-1]
 
 
+def test_banner_when_no_worker_is_alive(browser_dir, tmp_path):
+    with running_server(create_app(make_settings(tmp_path), with_worker=False)) as server:
+        out = run_browser(browser_dir, "banner", server, {}, tmp_path)
+    assert out["hidden"] is False and "No worker is running" in out["text"]
+    app = create_app(make_settings(tmp_path), generator_factory=fake_factory())
+    with running_server(app) as server:
+        wait_until(lambda: server.store.live_workers(60) == 1)
+        out = run_browser(browser_dir, "banner", server, {}, tmp_path)
+    assert out["hidden"] is True and page_errors(out) == []
+
+
 def test_docs_page_shows_the_example(browser_dir, tmp_path):
     app = create_app(make_settings(tmp_path), generator_factory=fake_factory())
     with running_server(app) as server:
         out = run_browser(browser_dir, "docs", server, {}, tmp_path)
     assert EXAMPLE_PROMPT in out["example"] and "image-3.png" in out["example"]
+    assert out["outside"] == []  # rendered from the installed assets alone, as on a machine without internet

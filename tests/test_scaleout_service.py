@@ -305,7 +305,7 @@ class Cluster:
         if proc.poll() is not None:
             raise AssertionError(f"API process exited: {self.logs()}")
         try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            return httpx.get(f"{url}/health/live", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -83,11 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def option_name(loc: Sequence[object]) -> str:
+    """An endpoint field's location as the CLI spells it: KEYFRAME 2, --keyframe-lengths, --cfg-scale."""
+    field, *rest = [str(part) for part in loc] or ["input"]
+    index = f" {int(rest[0]) + 1}" if rest and rest[0].isdigit() else ""
+    if field == "keyframe_image_urls":
+        return f"KEYFRAME{index}"
+    return "--" + field.replace("_", "-") + (f" entry{index}" if index else "")
+
+
 def _validated_input(args: argparse.Namespace):
-    """The endpoint's own input rules; the sum of keyframe_lengths is checked once the model is loaded."""
+    """The endpoint's own input rules (no torch, no model: bad input answers at once)."""
     from pydantic import ValidationError
 
-    from tooncrafter.schema import ToonCrafterInput
+    from tooncrafter.schema import ToonCrafterInput, describe_error
 
     fields = {
         "keyframe_image_urls": args.keyframes,
@@ -105,41 +114,50 @@ def _validated_input(args: argparse.Namespace):
         return ToonCrafterInput.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "input"
-        raise UsageError(f"{field.replace('_', '-')}: {first['msg']}") from None
+        raise UsageError(f"{option_name(first['loc'])}: {describe_error(first)}") from None
+
+
+def _served_frames(checkpoint: str | None) -> int:
+    """The frame count T of the checkpoint's config, read without torch (it may download the weights)."""
+    from tooncrafter.model.config import builtin_config, load_config
+    from tooncrafter.weights import resolve_checkpoint
+
+    resolved = resolve_checkpoint(checkpoint)
+    config = load_config(resolved.config_path) if resolved.config_path is not None else builtin_config()
+    return config.num_frames
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from tooncrafter.media import MediaError
+    from tooncrafter.media.images import load_image
+    from tooncrafter.media.video import VIDEO_CONTENT_TYPES
+    from tooncrafter.schema import ContractError, check_fits_model
 
-    from tooncrafter.generation import GenerationRequest, random_seed
-    from tooncrafter.media import (
-        VIDEO_CONTENT_TYPES,
-        MediaError,
-        load_image,
-        write_video,
-    )
-    from tooncrafter.pipeline import ToonCrafterPipeline
-    from tooncrafter.schema import check_keyframe_lengths
-
+    # Everything the user typed is checked before torch is imported or a weight is read.
     inputs = _validated_input(args)
     output = Path(args.output)
-    if output.suffix.lower().lstrip(".") not in VIDEO_CONTENT_TYPES:  # before the model loads, not after
-        raise UsageError(f"output: unsupported video type {output.suffix!r} (use .mp4, .webm or .gif)")
+    if output.suffix.lower().lstrip(".") not in VIDEO_CONTENT_TYPES:
+        raise UsageError(f"--output: unsupported video type {output.suffix or '(none)'!r} (use .mp4, .webm or .gif)")
     images = []
     for i, source in enumerate(inputs.keyframe_image_urls):
         try:
             images.append(load_image(source))
         except (MediaError, OSError) as exc:
-            raise UsageError(f"keyframe {i + 1} ({source[:80]}): {exc}") from None
+            raise UsageError(f"KEYFRAME {i + 1} ({source[:80]}): {exc}") from None
+    try:
+        check_fits_model(len(images), inputs.keyframe_lengths, _served_frames(args.checkpoint))
+    except ContractError as exc:
+        raise UsageError(f"{option_name([exc.field])}: {exc}") from None
+
+    from tqdm import tqdm
+
+    from tooncrafter.generation import GenerationRequest, random_seed
+    from tooncrafter.media.video import write_video
+    from tooncrafter.pipeline import ToonCrafterPipeline
+
     pipeline = ToonCrafterPipeline.from_pretrained(
         args.checkpoint, device=args.device, dtype=args.dtype, offload=args.offload, compile=args.compile
     )
-    if inputs.keyframe_lengths is not None:
-        try:
-            check_keyframe_lengths(inputs.keyframe_lengths, len(images), pipeline.num_frames)
-        except ValueError as exc:
-            raise UsageError(f"keyframe-lengths: {exc}") from None
     seed = inputs.seed if inputs.seed is not None else random_seed()
     request = GenerationRequest.from_input(inputs, images, seed)
     with tqdm(total=inputs.steps, desc="denoising", unit="step", disable=args.quiet, file=sys.stderr) as bar:
@@ -232,20 +250,21 @@ COMMANDS = {
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input or a missing file rather than a bug: one line, exit 2."""
+    """Exceptions that mean bad input or a missing file rather than a bug: one line, exit 2.
+
+    Only modules already imported are looked in: an error cannot come from a module never loaded,
+    and importing the checkpoint reader here would import torch just to print a message.
+    """
     errors: list[type[BaseException]] = [UsageError]
-    try:
-        from tooncrafter.model.checkpoint import CheckpointError
-
-        errors.append(CheckpointError)
-    except ImportError:  # pragma: no cover - torch missing
-        pass
-    try:
-        from tooncrafter.weights import WeightsNotFoundError
-
-        errors.append(WeightsNotFoundError)
-    except ImportError:  # pragma: no cover
-        pass
+    for module_name, class_name in (
+        ("tooncrafter.model.checkpoint", "CheckpointError"),
+        ("tooncrafter.model.config", "ConfigError"),
+        ("tooncrafter.weights", "WeightsNotFoundError"),
+    ):
+        module = sys.modules.get(module_name)
+        error = getattr(module, class_name, None) if module is not None else None
+        if isinstance(error, type) and issubclass(error, BaseException):
+            errors.append(error)
     return tuple(errors)
 
 

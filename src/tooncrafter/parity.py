@@ -24,7 +24,7 @@ from tooncrafter.fixtures import (
     compare,
     skipped,
 )
-from tooncrafter.media import preprocess_keyframe
+from tooncrafter.media.tensors import preprocess_keyframe
 from tooncrafter.model.checkpoint import read_state_dict
 from tooncrafter.model.clip import ImageEncoder, TextEncoder
 from tooncrafter.model.loader import ToonCrafterComponents, load_components

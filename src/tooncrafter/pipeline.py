@@ -37,7 +37,7 @@ from tooncrafter.generation import (
     GenerationResult,
     ProgressCallback,
 )
-from tooncrafter.media import preprocess_keyframe, video_to_frames
+from tooncrafter.media.tensors import preprocess_keyframe, video_to_frames
 from tooncrafter.model.checkpoint import has_component, read_state_dict
 from tooncrafter.model.config import ToonCrafterConfig, builtin_config, load_config
 from tooncrafter.model.loader import ToonCrafterComponents, load_components
@@ -185,7 +185,7 @@ class ToonCrafterPipeline:
 
     def compile(self) -> None:
         """Opt-in `torch.compile` of the UNet (the one network that runs every step)."""
-        self.components.unet.forward = torch.compile(self.components.unet.forward, dynamic=False)  # type: ignore[method-assign]
+        self.components.unet.compile(dynamic=False)
 
     @property
     def num_frames(self) -> int:

@@ -7,7 +7,8 @@ the same errors to exit code 2.
 
 from __future__ import annotations
 
-from typing import Annotated
+import math
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -26,6 +27,7 @@ class ToonCrafterInput(BaseModel):
 
     model_config = ConfigDict(
         extra="ignore",
+        allow_inf_nan=False,  # NaN/Infinity are a 422 naming the field, never a number that compares false
         json_schema_extra={
             "examples": [
                 {
@@ -101,15 +103,42 @@ class ToonCrafterInput(BaseModel):
 
 
 def check_keyframe_lengths(lengths: list[int], num_keyframes: int, num_frames: int) -> None:
-    """Raise ValueError unless `lengths` has one entry >= 1 per keyframe and sums to `num_frames`."""
+    """Raise ValueError unless `lengths` has one entry >= 1 per keyframe and sums to `num_frames`.
+
+    The messages do not name the field: the API prefixes `keyframe_lengths`, the CLI `--keyframe-lengths`.
+    """
     if len(lengths) != num_keyframes:
-        raise ValueError(
-            f"keyframe_lengths has {len(lengths)} entries but there are {num_keyframes} keyframes (one length per keyframe)"
-        )
+        raise ValueError(f"has {len(lengths)} entries but there are {num_keyframes} keyframes (one length per keyframe)")
     if any(n < 1 for n in lengths):
-        raise ValueError("every keyframe_lengths entry must be >= 1")
+        raise ValueError("every entry must be >= 1")
     if sum(lengths) != num_frames:
-        raise ValueError(f"keyframe_lengths must sum to the model temporal length {num_frames}, got {sum(lengths)}")
+        raise ValueError(f"must sum to the model's frame count {num_frames}, got {sum(lengths)}")
+
+
+class ContractError(ValueError):
+    """An input that is valid on its own but does not fit the served model; `field` names the input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_fits_model(num_keyframes: int, keyframe_lengths: list[int] | None, num_frames: int) -> None:
+    """The rules that need the model's frame count T, checked wherever T is known (CLI, submit, worker).
+
+    Every keyframe needs its own output frame, so a T-frame model places at most T keyframes; and
+    `keyframe_lengths` must lay out exactly T frames.
+    """
+    if num_keyframes > num_frames:
+        raise ContractError(
+            "keyframe_image_urls",
+            f"this model makes {num_frames}-frame clips, so it can place at most {num_frames} keyframes; got {num_keyframes}",
+        )
+    if keyframe_lengths is not None:
+        try:
+            check_keyframe_lengths(keyframe_lengths, num_keyframes, num_frames)
+        except ValueError as exc:
+            raise ContractError("keyframe_lengths", str(exc)) from None
 
 
 class File(BaseModel):
@@ -126,3 +155,67 @@ class ToonCrafterOutput(BaseModel):
 
     video: File
     seed: int = Field(..., ge=0, le=MAX_SEED, description="The seed used; pass it back to reproduce the video.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation errors in our own words
+# ------------------------------------------------------------------------------------------------
+
+_ITEM_NOUNS = {"keyframe_image_urls": "keyframes", "keyframe_lengths": "entries"}
+
+
+def _bound(ctx: dict[str, Any], key: str) -> Any:
+    value = ctx.get(key)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def describe_error(error: dict[str, Any]) -> str:
+    """One pydantic error entry -> what is wrong, in plain words, without pydantic's prefixes.
+
+    The field itself is not named here: the API prefixes its dotted body path, the CLI its option.
+    """
+    kind = str(error.get("type", ""))
+    ctx = error.get("ctx") or {}
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    noun = _ITEM_NOUNS.get(loc[-1] if loc else "", "items")
+    given = error.get("input")
+    if kind == "missing":
+        return "is required"
+    if kind == "too_short":
+        return f"needs at least {ctx.get('min_length')} {noun}, got {ctx.get('actual_length')}"
+    if kind == "too_long":
+        return f"takes at most {ctx.get('max_length')} {noun}, got {ctx.get('actual_length')}"
+    if kind == "string_too_long":
+        return f"is longer than {ctx.get('max_length')} characters"
+    comparisons = {
+        "greater_than_equal": ("ge", ">="),
+        "less_than_equal": ("le", "<="),
+        "greater_than": ("gt", ">"),
+        "less_than": ("lt", "<"),
+    }
+    if kind in comparisons:
+        key, sign = comparisons[kind]
+        shown = f", got {given!r}" if isinstance(given, (int, float)) and math.isfinite(given) else ""
+        return f"must be {sign} {_bound(ctx, key)}{shown}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "must be a whole number"
+    if kind in ("float_parsing", "float_type"):
+        return "must be a number"
+    if kind == "finite_number":
+        return "must be a finite number"
+    if kind in ("bool_parsing", "bool_type"):
+        return "must be true or false"
+    if kind in ("string_type", "string_sub_type"):
+        return "must be a string"
+    if kind in ("list_type", "tuple_type"):
+        return "must be a list"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "must be a JSON object"
+    if kind in ("json_invalid", "json_type"):
+        return "is not valid JSON"
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    message = str(error.get("msg", "is invalid"))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return message

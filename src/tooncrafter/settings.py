@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         0.5, ge=0, description="A running job reads its cancel flag from the database at most this often (checked between steps)."
     )
     purge_interval_s: float = Field(60.0, gt=0, description="How often expired results are deleted.")
+    worker_alive_s: float = Field(
+        30.0,
+        gt=0,
+        description="A worker not seen for this long counts as gone (workers check in every third of it); "
+        "/health answers 503 while no worker has been seen within it.",
+    )
 
     # --- webhooks ------------------------------------------------------------------------------
     webhook_max_attempts: int = Field(10, ge=1, description="Deliveries tried per webhook (fal: 10 over about 2 h).")
@@ -133,6 +139,10 @@ class Settings(BaseSettings):
     @property
     def resolved_heartbeat_s(self) -> float:
         return self.heartbeat_s or self.lease_s / 3
+
+    @property
+    def worker_checkin_s(self) -> float:
+        return self.worker_alive_s / 3
 
     @property
     def auth_enabled(self) -> bool:

@@ -199,21 +199,31 @@ const scenarios = {
     return { visible, noKey, code, keyAfterReload: await page.inputValue("#api_key"), history: await history(page) };
   },
 
-  // FastAPI's /docs (Swagger UI, its CDN files served from node_modules) shows the endpoint's example
+  // The banner that says no worker is running (and that it goes away once one is)
+  async banner(page) {
+    await open(page);
+    const shown = { hidden: await page.isHidden("#worker-banner"), text: await text(page, "#worker-banner") };
+    await page.screenshot({ path: join(artifacts, "banner.png") });
+    return shown;
+  },
+
+  // /docs (Swagger UI from the installed package, no CDN) shows the endpoint's example; any request
+  // that leaves this server is refused and reported, so a page that needs the internet fails here.
   async docs(page) {
-    const dist = join(import.meta.dirname, "node_modules", "swagger-ui-dist");
-    await page.route("https://cdn.jsdelivr.net/**", (route) => {
-      const name = new URL(route.request().url()).pathname.split("/").pop();
-      route.fulfill({ body: readFileSync(join(dist, name)), contentType: name.endsWith(".css") ? "text/css" : "text/javascript" });
+    const outside = [];
+    await page.route("**/*", (route) => {
+      const url = route.request().url();
+      if (url.startsWith(base) || url.startsWith("data:")) return route.continue();
+      outside.push(url);
+      return route.abort();
     });
-    await page.route("https://fastapi.tiangolo.com/**", (route) => route.fulfill({ status: 404, body: "" }));
     await page.goto(`${base}/docs`);
     const op = page.locator(".opblock-post", { has: page.locator(".opblock-summary-path", { hasText: /^\/queue\/\{owner\}\/\{alias\}$/ }) });
     await op.locator(".opblock-summary").click();
     await op.locator(".body-param__example, .highlight-code").first().waitFor();
     const example = await op.locator(".opblock-section-request-body").innerText();
     await op.screenshot({ path: join(artifacts, "docs-submit.png") });
-    return { example };
+    return { example, outside };
   },
 };
 

@@ -28,6 +28,10 @@ _IMAGE_TARGET = "lvdm.modules.encoders.condition.FrozenOpenCLIPImageEmbedderV2"
 _RESAMPLER_TARGET = "lvdm.modules.encoders.resampler.Resampler"
 
 
+class ConfigError(ValueError):
+    """A model config this implementation cannot run as written (it names the option)."""
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Arguments of the official `UNetModel` that ToonCrafter's 3D UNet uses."""
@@ -57,20 +61,20 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         if self.num_head_channels <= 0 and self.num_heads <= 0:
-            raise ValueError("unet: one of num_head_channels or num_heads must be positive")
+            raise ConfigError("unet: one of num_head_channels or num_heads must be positive")
         if not self.channel_mult:
-            raise ValueError("unet: channel_mult must not be empty")
+            raise ConfigError("unet: channel_mult must not be empty")
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of an attention layer with `channels` channels, as the official code picks them."""
         if self.num_head_channels > 0:
             if channels % self.num_head_channels:
-                raise ValueError(
+                raise ConfigError(
                     f"unet: {channels} channels are not divisible by num_head_channels={self.num_head_channels}"
                 )
             return channels // self.num_head_channels, self.num_head_channels
         if channels % self.num_heads:
-            raise ValueError(f"unet: {channels} channels are not divisible by num_heads={self.num_heads}")
+            raise ConfigError(f"unet: {channels} channels are not divisible by num_heads={self.num_heads}")
         return self.num_heads, channels // self.num_heads
 
 
@@ -92,9 +96,9 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         if not self.double_z:
-            raise ValueError("vae: only double_z=True (a KL autoencoder) is supported")
+            raise ConfigError("vae: only double_z=True (a KL autoencoder) is supported")
         if self.attn_resolutions:
-            raise ValueError("vae: attn_resolutions must be empty (ToonCrafter's VAE has attention only in the middle)")
+            raise ConfigError("vae: attn_resolutions must be empty (ToonCrafter's VAE has attention only in the middle)")
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,7 @@ class ToonCrafterConfig:
 def _params(node: dict[str, Any], expected_target: str, name: str) -> dict[str, Any]:
     target = node.get("target")
     if target != expected_target:
-        raise ValueError(f"config: {name}.target is {target!r}, expected {expected_target!r}")
+        raise ConfigError(f"config: {name}.target is {target!r}, expected {expected_target!r}")
     return dict(node.get("params") or {})
 
 
@@ -182,12 +186,12 @@ def _take(params: dict[str, Any], cls: type, name: str, ignore: set[str] = froze
     """Build `cls` from `params`, refusing unknown options and unsupported values by name."""
     for key, supported in (refuse or {}).items():
         if key in params and params[key] != supported:
-            raise ValueError(f"config: {name}.{key}={params[key]!r} is not supported (only {supported!r})")
+            raise ConfigError(f"config: {name}.{key}={params[key]!r} is not supported (only {supported!r})")
     fields = set(cls.__dataclass_fields__)
     known = fields | ignore | set(refuse or {})
     unknown = sorted(set(params) - known)
     if unknown:
-        raise ValueError(f"config: {name} has options this implementation does not know: {unknown}")
+        raise ConfigError(f"config: {name} has options this implementation does not know: {unknown}")
     kwargs = {}
     for key in fields & set(params):
         value = params[key]
@@ -242,9 +246,9 @@ def config_from_dict(raw: dict[str, Any], open_clip_configs: dict[str, Any] | No
         "image_proj_stage_config",
     )
     if params.get("conditioning_key", "hybrid") != "hybrid":
-        raise ValueError(f"config: conditioning_key={params['conditioning_key']!r} is not supported (only 'hybrid')")
+        raise ConfigError(f"config: conditioning_key={params['conditioning_key']!r} is not supported (only 'hybrid')")
     if params.get("fps_condition_type", "fps") != "fps":
-        raise ValueError("config: only fps_condition_type='fps' is supported")
+        raise ConfigError("config: only fps_condition_type='fps' is supported")
     diffusion = _take(
         params,
         DiffusionConfig,
@@ -256,17 +260,17 @@ def config_from_dict(raw: dict[str, Any], open_clip_configs: dict[str, Any] | No
         },
     )
     if resampler.video_length != unet.temporal_length:
-        raise ValueError(
+        raise ConfigError(
             f"config: image_proj_stage_config.video_length={resampler.video_length} must equal "
             f"unet_config.temporal_length={unet.temporal_length}"
         )
     if resampler.output_dim != unet.context_dim:
-        raise ValueError(
+        raise ConfigError(
             f"config: image_proj_stage_config.output_dim={resampler.output_dim} must equal "
             f"unet_config.context_dim={unet.context_dim}"
         )
     if unet.in_channels != 2 * diffusion.channels or unet.out_channels != diffusion.channels:
-        raise ValueError(
+        raise ConfigError(
             f"config: unet in/out channels ({unet.in_channels}/{unet.out_channels}) must be "
             f"2x/1x the latent channels ({diffusion.channels}) for hybrid conditioning"
         )

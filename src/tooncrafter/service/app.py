@@ -33,6 +33,7 @@ Errors
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -42,9 +43,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tooncrafter.schema import describe_error
 from tooncrafter.service.auth import require_owner
 from tooncrafter.service.jobs import JobStore
 from tooncrafter.service.routes_files import files_router
@@ -88,12 +91,15 @@ class FalGatewayMiddleware:
 
 
 def _validation_entries(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """FastAPI's error entries without echoing big inputs (a data URI can be megabytes)."""
+    """FastAPI's error entries in our words, echoing only small, JSON-safe inputs (a data URI can be
+    megabytes; NaN cannot be written as JSON)."""
     entries = []
     for error in errors:
-        entry = {k: v for k, v in error.items() if k not in ("input", "url")}
+        entry: dict[str, Any] = {"loc": list(error.get("loc", ())), "msg": describe_error(error), "type": error.get("type")}
         value = error.get("input")
-        if isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) <= 200):
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value)):
+            entry["input"] = value
+        elif isinstance(value, str) and len(value) <= 200:
             entry["input"] = value
         entries.append(entry)
     return jsonable_encoder(entries)
@@ -167,7 +173,9 @@ def create_app(
             sender.stop()
             store.close()
 
-    app = FastAPI(
+    # /docs and /redoc from the Swagger UI and ReDoc files installed with fastapi-offline: no CDN, so
+    # the documentation renders on a machine without internet.
+    app = FastAPIOffline(
         title="tooncrafter",
         summary="ToonCrafter keyframe interpolation behind fal's queue protocol (fal-ai/toon-crafter).",
         version="0.1.0",
@@ -179,15 +187,29 @@ def create_app(
 
     @app.get("/health", tags=["service"], include_in_schema=False)
     def health(request: Request) -> JSONResponse:
-        worker: Worker | None = getattr(request.app.state, "worker", None)
-        body: dict[str, Any] = {"status": "ok", "worker": None}
+        """Ready to run work: 200 while at least one worker (any process) checked in recently, else 503."""
+        store: JobStore = request.app.state.job_store
+        live = store.live_workers(settings.worker_alive_s)
+        body: dict[str, Any] = {"status": "ok" if live else "no_worker", "workers": live, "worker": None}
+        worker: Worker | None = request.app.state.worker
         if worker is not None:
             body["worker"] = {
                 "ready": worker.ready.is_set() and worker.load_error is None,
                 "alive": worker.alive,
-                "error": repr(worker.load_error) if worker.load_error else None,
+                "error": str(worker.load_error) if worker.load_error else None,
             }
-        return JSONResponse(body)
+        if not live:
+            body["message"] = (
+                f"no worker has checked in during the last {settings.worker_alive_s:g} s: queued requests wait "
+                "until one runs (`tooncrafter worker`)"
+            )
+        return JSONResponse(body, status_code=200 if live else 503)
+
+    @app.get("/health/live", tags=["service"], include_in_schema=False)
+    def health_live(request: Request) -> JSONResponse:
+        """The API process answers and reaches its job store (a liveness probe: no worker needed)."""
+        store: JobStore = request.app.state.job_store
+        return JSONResponse({"status": "ok", "workers": store.live_workers(settings.worker_alive_s)})
 
     # order matters: the queue and file routes before the run route's catch-all `/{owner}/{alias}/...`
     app.include_router(playground_router())

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import anyio
 import httpx
 
-from tooncrafter.media import MediaError, parse_data_uri
+from tooncrafter.media import MediaError
+from tooncrafter.media.images import parse_data_uri
 from tooncrafter.service.storage import Storage, is_valid_key
 
 logger = logging.getLogger(__name__)

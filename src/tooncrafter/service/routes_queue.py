@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from tooncrafter.schema import ToonCrafterInput, check_keyframe_lengths
+from tooncrafter.schema import ContractError, ToonCrafterInput, check_fits_model
 from tooncrafter.service.auth import require_owner
 from tooncrafter.service.jobs import COMPLETED, IN_QUEUE, CancelOutcome, Job, JobStore
 from tooncrafter.service.webhooks import WebhookURLError, check_webhook_url
@@ -82,15 +82,14 @@ def check_endpoint(settings: Settings, owner: str, alias: str, subpath: str = ""
 
 
 def check_input_urls(params: ToonCrafterInput, settings: Settings) -> None:
-    """Submit-time checks the schema cannot do: URL schemes, data URIs decode within the size limit, and
-    `keyframe_lengths` sums to the served model's frame count."""
+    """Submit-time checks the schema cannot do: the served model's frame count (keyframes it can place,
+    `keyframe_lengths`), URL schemes, data URIs that decode within the size limit."""
     from tooncrafter.service.inputs import InputError, decode_data_uri
 
-    if params.keyframe_lengths is not None:
-        try:
-            check_keyframe_lengths(params.keyframe_lengths, len(params.keyframe_image_urls), settings.model_num_frames())
-        except ValueError as exc:
-            raise field_error_response(["keyframe_lengths"], str(exc)) from exc
+    try:
+        check_fits_model(len(params.keyframe_image_urls), params.keyframe_lengths, settings.model_num_frames())
+    except ContractError as exc:
+        raise field_error_response([exc.field], str(exc)) from exc
 
     for index, url in enumerate(params.keyframe_image_urls):
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""

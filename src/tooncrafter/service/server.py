@@ -45,6 +45,7 @@ def serve(
     import uvicorn
 
     from tooncrafter.service.app import create_app
+    from tooncrafter.service.worker import default_generator_factory
 
     if not settings.auth_enabled and not _is_loopback(host):
         if allow_open:
@@ -56,7 +57,12 @@ def serve(
                 host,
             )
             host = "127.0.0.1"
-    app = create_app(settings, with_worker=with_worker)
+    factory = test_generator_factory_from_env() or default_generator_factory
+    if with_worker:
+        # The model loads before the port opens: a server that cannot run jobs must not take them.
+        generator = factory(settings)
+        factory = lambda _settings: generator  # noqa: E731 - the worker thread gets the loaded model
+    app = create_app(settings, generator_factory=factory, with_worker=with_worker)
     uvicorn.run(
         app,
         host=host,
@@ -103,11 +109,12 @@ def run_worker(settings: Settings, generator_factory: GeneratorFactory | None = 
     from tooncrafter.service.worker import Worker, default_generator_factory
 
     factory = generator_factory or test_generator_factory_from_env() or default_generator_factory
+    generator = factory(settings)  # fails before anything starts: a worker without its model exits non-zero
     store = JobStore(settings.resolved_database_url)
     storage = storage_from_url(settings.resolved_storage_url)
     sender = WebhookSender(store, settings)
     sender.start()
-    worker = Worker(store, storage, settings, factory, on_complete=sender.notify)
+    worker = Worker(store, storage, settings, lambda _settings: generator, on_complete=sender.notify)
 
     def _stop(signum: int, _frame: object) -> None:
         logger.info("signal %d: stopping after the current step", signum)

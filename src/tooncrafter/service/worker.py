@@ -42,10 +42,12 @@ from tooncrafter.generation import (
     random_seed,
 )
 from tooncrafter.schema import (
+    ContractError,
     File,
     ToonCrafterInput,
     ToonCrafterOutput,
-    check_keyframe_lengths,
+    check_fits_model,
+    describe_error,
 )
 from tooncrafter.service.background import BackgroundLoop
 from tooncrafter.service.jobs import CANCELLED_OUTCOME, Job, JobOutcome, JobStore
@@ -134,6 +136,34 @@ class _Heartbeat:
                 logger.exception("heartbeat for job %s failed", job_id)
 
 
+class _CheckIn(BackgroundLoop):
+    """Tells the job store every `period_s` that a worker is alive, and that it left when it stops.
+
+    A thread of its own, so that a long model step never makes a busy worker look dead to /health."""
+
+    thread_name = "tooncrafter-worker-check-in"
+
+    def __init__(self, store: JobStore, worker_id: str, period_s: float) -> None:
+        super().__init__()
+        self.store = store
+        self.worker_id = worker_id
+        self.period_s = period_s
+
+    def run_forever(self) -> None:
+        hostname = socket.gethostname()
+        while not self._stop.is_set():
+            try:
+                self.store.worker_check_in(self.worker_id, hostname)
+            except Exception as exc:
+                logger.warning("worker check-in failed: %s", exc)
+            self._wake.wait(self.period_s)
+            self._wake.clear()
+        try:
+            self.store.worker_check_out(self.worker_id)
+        except Exception as exc:
+            logger.warning("worker check-out failed: %s", exc)
+
+
 class Worker(BackgroundLoop):
     """Runs jobs from `store` with the generator `generator_factory(settings)` builds (once).
 
@@ -173,26 +203,36 @@ class Worker(BackgroundLoop):
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def run_forever(self) -> None:
-        """Load the generator, then take jobs until `stop()`."""
-        try:
+    def load(self) -> None:
+        """Build the generator (the model) once. Errors reach the caller: a process exits on them."""
+        if self._generator is None:
             self._generator = self._factory(self.settings)
-        except BaseException as exc:
+
+    def run_forever(self) -> None:
+        """Load the generator (unless `load` did), check in as alive, then take jobs until `stop()`."""
+        try:
+            self.load()
+        except Exception as exc:
             self.load_error = exc
-            logger.exception("the worker could not load the model; no job will run")
-            raise
+            logger.error("the worker could not load the model, so it runs no job: %s", exc)
+            return
         finally:
             self.ready.set()
         logger.info("worker %s ready", self.worker_id)
-        while not self._stop.is_set():
-            try:
-                ran = self.run_once()
-            except Exception:
-                logger.exception("worker loop failed; retrying")
-                ran = False
-            if not ran:
-                self._wake.wait(self.settings.worker_poll_s)
-                self._wake.clear()
+        check_in = _CheckIn(self.store, self.worker_id, self.settings.worker_checkin_s)
+        check_in.start()
+        try:
+            while not self._stop.is_set():
+                try:
+                    ran = self.run_once()
+                except Exception:
+                    logger.exception("worker loop failed; retrying")
+                    ran = False
+                if not ran:
+                    self._wake.wait(self.settings.worker_poll_s)
+                    self._wake.clear()
+        finally:
+            check_in.stop()
 
     # --- one job ------------------------------------------------------------------------------
 
@@ -286,12 +326,11 @@ class Worker(BackgroundLoop):
             params = ToonCrafterInput.model_validate(job.input)
         except ValidationError as exc:  # validated at submit; only an older server's row lands here
             first = exc.errors()[0]
-            raise field_error(list(first["loc"]), first["msg"], first["type"]) from exc
-        if params.keyframe_lengths is not None:
-            try:
-                check_keyframe_lengths(params.keyframe_lengths, len(params.keyframe_image_urls), self._generator.num_frames)
-            except ValueError as exc:
-                raise field_error(["keyframe_lengths"], str(exc)) from exc
+            raise field_error(list(first["loc"]), describe_error(first), first["type"]) from exc
+        try:
+            check_fits_model(len(params.keyframe_image_urls), params.keyframe_lengths, self._generator.num_frames)
+        except ContractError as exc:
+            raise field_error([exc.field], str(exc)) from exc
         if self._cancelled(job.id):
             raise GenerationCancelled()
 
@@ -309,7 +348,7 @@ class Worker(BackgroundLoop):
             should_cancel=lambda: self._cancelled(job.id),
         )
 
-        from tooncrafter.media import encode_video
+        from tooncrafter.media.video import encode_video
 
         self.store.add_log(job.id, f"Encoding {len(result.frames)} frames at {params.fps} fps")
         video = encode_video(result.frames, params.fps, format="mp4")
@@ -331,7 +370,7 @@ class Worker(BackgroundLoop):
 
     def _load_keyframes(self, job: Job, urls: list[str]) -> list:
         """Fetch every keyframe concurrently and decode it; a bad one is a 422 naming its index."""
-        from tooncrafter.media import decode_image
+        from tooncrafter.media.images import decode_image
         from tooncrafter.service.inputs import FetchLimits, InputError, fetch_input
 
         limits = FetchLimits(

@@ -608,6 +608,19 @@ async function loadConfig() {
   $("api-key-row").hidden = !config.auth_required;
 }
 
+// A server whose workers are all gone still queues requests: say so before anyone waits on one.
+async function checkWorkers() {
+  let message = "";
+  try {
+    const health = await api("GET", `${BASE}/health/live`);
+    if (!health.workers) message = "No worker is running: requests are queued, and start once a worker is up (`tooncrafter worker`).";
+  } catch {
+    message = "The server cannot be reached.";
+  }
+  $("worker-banner").textContent = message;
+  $("worker-banner").hidden = !message;
+}
+
 // Requests still running when the page was left: follow the newest, refresh the others once.
 async function resumeHistory() {
   const pending = loadHistory().filter((e) => e.status === "IN_QUEUE" || e.status === "IN_PROGRESS" || e.status === "CANCELLING");
@@ -675,6 +688,8 @@ async function main() {
   renderHistory();
   await loadConfig();
   renderCode();
+  await checkWorkers();
+  setInterval(checkWorkers, 10000);
   document.body.dataset.ready = "true";
   resumeHistory();
 }

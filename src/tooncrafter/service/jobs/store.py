@@ -4,7 +4,7 @@ SQLAlchemy 2 Core over SQLite (WAL) by default; the same code runs on PostgreSQL
 processes and workers on many machines share one database and workers claim jobs with
 `SELECT ... FOR UPDATE SKIP LOCKED`. On SQLite that clause is not rendered and the claim is made
 atomic by a conditional `UPDATE ... WHERE status = 'IN_QUEUE'`. The schema is owned by the Alembic
-migrations in `service/migrations/` (applied on open, or by `tooncrafter db upgrade`); `metadata`
+migrations in `jobs/migrations/` (applied on open, or by `tooncrafter db upgrade`); `metadata`
 below is what the queries use and a test checks that the two agree.
 
 Life of a job (statuses are fal's three, nothing else):
@@ -20,218 +20,55 @@ nor repeats a delivery.
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
-    Boolean,
-    Column,
     Connection,
     Engine,
-    Float,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
     create_engine,
     delete,
     event,
     func,
     insert,
-    inspect,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
+from tooncrafter.service.jobs.migrate import migrate_engine
+from tooncrafter.service.jobs.records import (
+    CANCELLED_OUTCOME,
+    RUNNER_DISCONNECTED_OUTCOME,
+    CancelOutcome,
+    Job,
+    JobOutcome,
+    LogEntry,
+    PendingWebhook,
+    iso_now,
+    webhook_envelope,
+)
+from tooncrafter.service.jobs.tables import (
+    COMPLETED,
+    IN_PROGRESS,
+    IN_QUEUE,
+    jobs_table,
+    logs_table,
+    secrets_table,
+    webhooks_table,
+    workers_table,
+)
+
 if TYPE_CHECKING:
     from tooncrafter.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-IN_QUEUE = "IN_QUEUE"
-IN_PROGRESS = "IN_PROGRESS"
-COMPLETED = "COMPLETED"
-
-metadata = MetaData()
-
-jobs_table = Table(
-    "jobs",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),  # queue order
-    Column("id", String(64), nullable=False, unique=True),
-    Column("endpoint", String(200), nullable=False),
-    Column("owner", String(64), nullable=False, index=True),  # sha256 of the API key, "" when open
-    Column("status", String(16), nullable=False, index=True),
-    Column("input_json", Text, nullable=False),
-    Column("webhook_url", Text),
-    Column("base_url", Text, nullable=False),  # where this server is reached; output URLs are built from it
-    Column("created_at", Float, nullable=False),
-    Column("start_deadline", Float),  # X-Fal-Request-Timeout: must start before this (epoch s)
-    Column("started_at", Float),
-    Column("completed_at", Float, index=True),
-    Column("worker_id", String(64)),
-    Column("lease_token", String(32)),  # minted per claim: fences heartbeat/release/complete
-    Column("lease_expires_at", Float),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("cancel_requested", Boolean, nullable=False, default=False),
-    Column("result_status_code", Integer),
-    Column("result_json", Text),
-    Column("error", Text),
-    Column("error_type", String(64)),
-    Column("inference_time", Float),
-    Column("file_keys_json", Text, nullable=False, default="[]"),
-    Index("ix_jobs_status_seq", "status", "seq"),  # claim order and queue positions
-)
-
-logs_table = Table(
-    "job_logs",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("job_id", String(64), nullable=False, index=True),
-    Column("timestamp", String(40), nullable=False),
-    Column("level", String(16), nullable=False),
-    Column("message", Text, nullable=False),
-)
-
-webhooks_table = Table(
-    "webhooks",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("job_id", String(64), nullable=False, index=True),
-    Column("url", Text, nullable=False),
-    Column("payload_json", Text, nullable=False),
-    Column("state", String(16), nullable=False, index=True),  # pending | delivered | failed
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("next_attempt_at", Float, nullable=False),
-    Column("last_error", Text),
-    Column("created_at", Float, nullable=False),
-)
-
-secrets_table = Table(
-    "service_secrets",  # secrets every process of a deployment must share (the upload-token HMAC key)
-    metadata,
-    Column("name", String(64), primary_key=True),
-    Column("value", Text, nullable=False),
-    Column("created_at", Float, nullable=False),
-)
-
-
-def iso_now() -> str:
-    """UTC now as ISO-8601 with milliseconds and a Z, as fal's log timestamps."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One request as stored."""
-
-    id: str
-    seq: int
-    endpoint: str
-    owner: str
-    status: str
-    input: dict[str, Any]
-    webhook_url: str | None
-    base_url: str
-    created_at: float
-    start_deadline: float | None
-    started_at: float | None
-    completed_at: float | None
-    worker_id: str | None
-    lease_expires_at: float | None
-    attempts: int
-    cancel_requested: bool
-    result_status_code: int | None
-    result_json: str | None
-    error: str | None
-    error_type: str | None
-    inference_time: float | None
-    file_keys: list[str] = field(default_factory=list)
-    lease_token: str | None = None
-
-
-@dataclass(frozen=True)
-class LogEntry:
-    seq: int
-    timestamp: str
-    level: str
-    message: str
-
-    def to_fal(self) -> dict[str, Any]:
-        """fal's log object."""
-        return {"message": self.message, "level": self.level, "source": "USER", "timestamp": self.timestamp}
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    """What a finished job replays from its result endpoint (and sends to its webhook)."""
-
-    status_code: int
-    body: Any
-    error: str | None = None
-    error_type: str | None = None
-    inference_time: float | None = None
-    file_keys: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class PendingWebhook:
-    seq: int
-    job_id: str
-    url: str
-    payload_json: str
-    attempts: int
-
-
-class CancelOutcome(enum.Enum):
-    NOT_FOUND = "NOT_FOUND"
-    CANCELLED = "CANCELLED"  # was queued: removed and completed at once
-    REQUESTED = "REQUESTED"  # running: the worker stops between steps
-    ALREADY_COMPLETED = "ALREADY_COMPLETED"
-
-
-CANCELLED_OUTCOME = JobOutcome(
-    status_code=400,
-    body={"detail": "Request was cancelled", "error_type": "request_cancelled"},
-    error="Request was cancelled",
-    error_type="request_cancelled",
-)
-
-
-RUNNER_DISCONNECTED_OUTCOME = JobOutcome(
-    status_code=503,
-    body={"detail": "The worker running this request stopped responding", "error_type": "runner_disconnected"},
-    error="The worker running this request stopped responding",
-    error_type="runner_disconnected",
-)
-
-
-def webhook_envelope(job_id: str, outcome: JobOutcome) -> dict[str, Any]:
-    """fal's webhook body: status OK with the output, or ERROR with the app's error body as payload."""
-    ok = 200 <= outcome.status_code < 300
-    envelope: dict[str, Any] = {
-        "request_id": job_id,
-        "gateway_request_id": job_id,
-        "status": "OK" if ok else "ERROR",
-        "payload": outcome.body,
-        "error": None if ok else f"Invalid status code: {outcome.status_code}",
-    }
-    return envelope
 
 
 def _make_engine(url: str) -> Engine:
@@ -643,6 +480,39 @@ class JobStore:
         return [tuple(r) for r in rows]
 
 
+    # --- live workers -------------------------------------------------------------------------------
+
+    def worker_check_in(self, worker_id: str, hostname: str) -> None:
+        """Record that `worker_id` is running now (insert on the first call, renew after)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            renewed = conn.execute(
+                update(workers_table).where(workers_table.c.worker_id == worker_id).values(last_seen_at=now)
+            ).rowcount
+        if renewed:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(workers_table).values(worker_id=worker_id, hostname=hostname, started_at=now, last_seen_at=now)
+                )
+        except IntegrityError:  # a concurrent first check-in of the same id: the row is there now
+            pass
+
+    def worker_check_out(self, worker_id: str) -> None:
+        """A worker stopping cleanly leaves at once instead of fading out after `worker_alive_s`."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(workers_table).where(workers_table.c.worker_id == worker_id))
+
+    def live_workers(self, within_s: float) -> int:
+        """Workers that checked in during the last `within_s` seconds; rows much older are forgotten."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(delete(workers_table).where(workers_table.c.last_seen_at < now - max(within_s * 10, 3600.0)))
+            return conn.execute(
+                select(func.count()).select_from(workers_table).where(workers_table.c.last_seen_at >= now - within_s)
+            ).scalar_one()
+
     # --- shared secrets -----------------------------------------------------------------------------
 
     def shared_secret(self, name: str) -> str:
@@ -660,69 +530,6 @@ class JobStore:
             return conn.execute(select(secrets_table.c.value).where(secrets_table.c.name == name)).scalar_one()
 
 
-# --- schema migrations (Alembic) ------------------------------------------------------------------
-
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-BASELINE_REVISION = "0001"  # the schema of the first release, which made its tables with create_all
-_PG_MIGRATION_LOCK = 7_362_291_047  # any constant: serialises migrations across processes
-
-
-def _alembic_config(connection: Connection):
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["connection"] = connection
-    return config
-
-
-@contextlib.contextmanager
-def _migration_lock(engine: Engine) -> Iterator[Connection]:
-    """A connection in a transaction that holds the deployment-wide migration lock.
-
-    PostgreSQL: a transaction-scoped advisory lock (DDL is transactional there, so the whole
-    upgrade commits or not at all). SQLite: an exclusive file lock next to the database file.
-    """
-    if engine.dialect.name == "sqlite":
-        import fcntl
-
-        lock_path = Path(f"{engine.url.database}.migrate.lock")
-        with open(lock_path, "a+") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                with engine.begin() as conn:
-                    yield conn
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
-        return
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
-        yield conn
-
-
-def migrate_engine(engine: Engine, revision: str = "head") -> None:
-    """Bring the database to `revision` (all migrations by default); safe to call from many processes at once.
-
-    A database made by the first release (tables, no Alembic version) is stamped as the baseline
-    first; a version row whose tables are gone (dropped by hand) is treated as an empty database.
-    """
-    from alembic import command
-    from alembic.runtime.migration import MigrationContext
-
-    with _migration_lock(engine) as conn:
-        tables = set(inspect(conn).get_table_names())
-        config = _alembic_config(conn)
-        current = MigrationContext.configure(conn).get_current_revision()
-        if "jobs" in tables and current is None:
-            logger.info("stamping a pre-migration job store as revision %s", BASELINE_REVISION)
-            command.stamp(config, BASELINE_REVISION)
-        elif "jobs" not in tables and current is not None:
-            logger.warning("the database has an Alembic version (%s) but no tables: migrating from scratch", current)
-            conn.execute(text("DELETE FROM alembic_version"))
-        command.upgrade(config, revision)
-
-
-def upgrade_database(settings: Settings) -> None:
+def upgrade_database(settings: "Settings") -> None:
     """Create or migrate the configured job store to the latest schema (the `tooncrafter db upgrade` command)."""
     JobStore(settings.resolved_database_url, migrate=True).close()

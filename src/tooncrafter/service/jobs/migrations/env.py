@@ -12,7 +12,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from tooncrafter.service.jobs import metadata
+from tooncrafter.service.jobs.tables import metadata
 
 
 def _run(connection) -> None:

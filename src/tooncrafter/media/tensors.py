@@ -1,0 +1,108 @@
+"""Pictures <-> tensors: the official inference transform in, the official uint8 conversion out."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tooncrafter.media import MediaError
+from tooncrafter.media.images import to_rgb
+
+# --------------------------------------------------------------------------------------------
+# RGB image -> model input
+# --------------------------------------------------------------------------------------------
+
+
+def preprocess_keyframe(
+    image: Image.Image | np.ndarray,
+    height: int,
+    width: int,
+    *,
+    fit: Literal["cover", "official"] = "cover",
+) -> torch.Tensor:
+    """RGB keyframe -> `[3, height, width]` float32 in [-1, 1], as the official inference transform.
+
+    Official (`load_data_prompts`): `Resize(min(height, width))` (short side, PIL bilinear with
+    antialias, long side truncated to int) -> `CenterCrop((height, width))` -> `x / 255` ->
+    `(x - 0.5) / 0.5`. When the image's aspect ratio does not cover the frame (a 4:3 picture for
+    the 320x512 model, any portrait picture for it), that transform pads black bars into the
+    frame. `fit="cover"` (default) scales by whichever side covers the frame instead; it is
+    bit-identical to the official transform whenever the official one does not pad.
+    `fit="official"` reproduces the padding too.
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise MediaError(f"expected a uint8 [H, W, 3] array, got {image.dtype} {list(image.shape)}")
+        image = Image.fromarray(image)
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    if height <= 0 or width <= 0:
+        raise MediaError(f"target size must be positive, got {height}x{width}")
+    src_w, src_h = image.size
+    if fit == "cover":
+        new_h, new_w = _cover_size(src_h, src_w, height, width)
+    elif fit == "official":
+        new_h, new_w = _short_side_size(src_h, src_w, min(height, width))
+    else:
+        raise MediaError(f"fit must be 'cover' or 'official', got {fit!r}")
+    if (new_w, new_h) != (src_w, src_h):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    image = _center_crop(image, height, width)
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)  # [3, H, W]
+    # Same float ops as ToTensor + Normalize(0.5, 0.5), so the result is bit-identical.
+    return pixels.to(torch.float32).div(255).sub(0.5).div(0.5).contiguous()
+
+
+def _short_side_size(src_h: int, src_w: int, short: int) -> tuple[int, int]:
+    """torchvision `Resize(int)`: short side -> `short`, long side `int(short * long / short_src)`."""
+    if src_w <= src_h:
+        return int(short * src_h / src_w), short
+    return short, int(short * src_w / src_h)
+
+
+def _cover_size(src_h: int, src_w: int, height: int, width: int) -> tuple[int, int]:
+    """Smallest aspect-preserving size that covers `height x width` (same rounding as torchvision)."""
+    if height * src_w >= width * src_h:  # the image is at least as wide as the frame: height binds
+        return height, max(width, int(height * src_w / src_h))
+    return max(height, int(width * src_h / src_w)), width
+
+
+def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """torchvision `CenterCrop`: zero-pad when smaller (left/top get the floor half), round-half-even offsets."""
+    src_w, src_h = image.size
+    if width > src_w or height > src_h:
+        pad_left = (width - src_w) // 2 if width > src_w else 0
+        pad_top = (height - src_h) // 2 if height > src_h else 0
+        canvas = Image.new("RGB", (max(width, src_w), max(height, src_h)), (0, 0, 0))
+        canvas.paste(image, (pad_left, pad_top))
+        image = canvas
+        src_w, src_h = image.size
+    top = int(round((src_h - height) / 2.0))
+    left = int(round((src_w - width) / 2.0))
+    if (top, left, src_h, src_w) == (0, 0, height, width):
+        return image
+    return image.crop((left, top, left + width, top + height))
+
+
+# --------------------------------------------------------------------------------------------
+# Model output -> frames -> video
+# --------------------------------------------------------------------------------------------
+
+
+def video_to_frames(video: torch.Tensor) -> np.ndarray:
+    """`[3, F, H, W]` in [-1, 1] -> uint8 `[F, H, W, 3]`, as the official saving code.
+
+    clamp to [-1, 1], `(x + 1) / 2`, `* 255`, then truncation by `.to(uint8)`. Non-finite values
+    are an error, not grey frames.
+    """
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise MediaError(f"expected a video [3, F, H, W], got {list(video.shape)}")
+    x = video.detach().to("cpu", torch.float32)
+    if not torch.isfinite(x).all():
+        raise MediaError("video contains NaN or infinite values")
+    x = (x.clamp(-1.0, 1.0) + 1.0) / 2.0
+    frames = (x * 255).to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).contiguous().numpy()
