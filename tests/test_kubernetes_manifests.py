@@ -16,9 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes_helpers import (
+    KUBERNETES_DIR,
+    OVERLAYS,
+    kustomize_command,
+    render,
+    validation_errors,
+)
+from service_helpers import postgres_server, unavailable
 
-from kubernetes_helpers import KUBERNETES_DIR, OVERLAYS, kustomize_command, render, validation_errors
-from service_helpers import free_port, postgres_server, unavailable
 from tooncrafter.service import jobs
 from tooncrafter.settings import Settings
 
@@ -139,7 +145,7 @@ def pod_template_labels(workload: dict[str, Any]) -> dict[str, str]:
 class _Health(http.server.BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         self.send_response(self.status if self.path == "/health" else 404)
         self.end_headers()
 
@@ -165,7 +171,7 @@ def test_api_probes_pass_without_workers_and_fail_when_the_api_does_not_answer(r
     script = probe_script(container["readinessProbe"]).replace(f":{container['ports'][0]['containerPort']}/", f":{port}/")
 
     def probe(pod_ip: str = "127.0.0.1") -> int:
-        done = subprocess.run([sys.executable, "-c", script], env={"POD_IP": pod_ip}, capture_output=True, timeout=30)
+        done = subprocess.run([sys.executable, "-c", script], env={"POD_IP": pod_ip}, capture_output=True, timeout=30, check=False)
         return done.returncode
 
     for status, passes in ((200, True), (503, True), (500, False), (404, False)):
