@@ -529,6 +529,25 @@ class JobStore:
         with self.engine.connect() as conn:
             return conn.execute(select(secrets_table.c.value).where(secrets_table.c.name == name)).scalar_one()
 
+    def add_secret(self, name: str, value: str) -> bool:
+        """Store `value` under `name` unless that name exists; True if this call stored it."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(secrets_table).values(name=name, value=value, created_at=time.time()))
+        except IntegrityError:
+            return False
+        return True
+
+    def secrets_named(self, prefix: str) -> list[tuple[str, str]]:
+        """(name, value) of the secrets whose name starts with `prefix`, newest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(secrets_table.c.name, secrets_table.c.value)
+                .where(secrets_table.c.name.startswith(prefix, autoescape=True))
+                .order_by(secrets_table.c.created_at.desc(), secrets_table.c.name.desc())
+            ).all()
+        return [(row[0], row[1]) for row in rows]
+
 
 def upgrade_database(settings: "Settings") -> None:
     """Create or migrate the configured job store to the latest schema (the `tooncrafter db upgrade` command)."""
