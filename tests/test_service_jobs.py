@@ -96,3 +96,21 @@ def test_purge_returns_file_keys(store):
     time.sleep(0.02)
     assert store.purge_expired(retention_s=0.01) == ["tok/output.mp4"]
     assert store.get(job.id) is None and store.logs(job.id) == []
+
+
+def test_low_priority_runs_after_every_normal_one_and_positions_agree(tmp_path):
+    from tooncrafter.service.jobs.tables import PRIORITIES
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    try:
+        low1 = store.submit(endpoint="e", owner="", input={}, base_url="http://x", priority=PRIORITIES["low"])
+        normal1 = store.submit(endpoint="e", owner="", input={}, base_url="http://x")
+        low2 = store.submit(endpoint="e", owner="", input={}, base_url="http://x", priority=PRIORITIES["low"])
+        normal2 = store.submit(endpoint="e", owner="", input={}, base_url="http://x")
+        expected = [normal1, normal2, low1, low2]
+        assert [store.queue_position(job) for job in expected] == [0, 1, 2, 3]
+        claimed = [store.claim("w", 30).id for _ in expected]
+        assert claimed == [job.id for job in expected]
+        assert store.claim("w", 30) is None
+    finally:
+        store.close()

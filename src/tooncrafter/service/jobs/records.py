@@ -40,6 +40,7 @@ class Job:
     inference_time: float | None
     file_keys: list[str] = field(default_factory=list)
     lease_token: str | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,13 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import (
     Connection,
     Engine,
+    and_,
     create_engine,
     delete,
     event,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -58,6 +60,7 @@ from tooncrafter.service.jobs.tables import (
     COMPLETED,
     IN_PROGRESS,
     IN_QUEUE,
+    PRIORITIES,
     jobs_table,
     logs_table,
     secrets_table,
@@ -122,6 +125,7 @@ def _row_to_job(row: Any) -> Job:
         inference_time=m["inference_time"],
         file_keys=json.loads(m["file_keys_json"] or "[]"),
         lease_token=m["lease_token"],
+        priority=m["priority"],
     )
 
 
@@ -147,6 +151,7 @@ class JobStore:
         base_url: str,
         webhook_url: str | None = None,
         start_deadline: float | None = None,
+        priority: int = PRIORITIES["normal"],
     ) -> Job:
         job_id = str(uuid.uuid4())
         with self.engine.begin() as conn:
@@ -164,6 +169,7 @@ class JobStore:
                     attempts=0,
                     cancel_requested=False,
                     file_keys_json="[]",
+                    priority=priority,
                 )
                 .returning(*jobs_table.c)  # the stored row (seq, defaults) without a second query
             ).one()
@@ -175,12 +181,14 @@ class JobStore:
         return _row_to_job(row) if row is not None else None
 
     def queue_position(self, job: Job) -> int:
-        """Jobs ahead of `job` in the queue (0 = next to run)."""
+        """Jobs ahead of `job` in the queue (0 = next to run): higher priorities, then earlier submissions."""
+        ahead = or_(
+            jobs_table.c.priority < job.priority,
+            and_(jobs_table.c.priority == job.priority, jobs_table.c.seq < job.seq),
+        )
         with self.engine.connect() as conn:
             return conn.execute(
-                select(func.count())
-                .select_from(jobs_table)
-                .where(jobs_table.c.status == IN_QUEUE, jobs_table.c.seq < job.seq)
+                select(func.count()).select_from(jobs_table).where(jobs_table.c.status == IN_QUEUE, ahead)
             ).scalar_one()
 
     def logs(self, job_id: str, after_seq: int = 0) -> list[LogEntry]:
@@ -199,7 +207,7 @@ class JobStore:
     # --- workers ----------------------------------------------------------------------------------
 
     def claim(self, worker_id: str, lease_s: float) -> Job | None:
-        """Take the oldest queued job and lease it to `worker_id` under a fresh `lease_token`; None when none is queued."""
+        """Take the next queued job (priority, then submission order) and lease it to `worker_id` under a fresh `lease_token`; None when none is queued."""
         for _ in range(8):  # another worker may win the race for the same row; try the next one
             now = time.time()
             token = secrets.token_hex(16)
@@ -207,7 +215,7 @@ class JobStore:
                 candidate = conn.execute(
                     select(jobs_table.c.id)
                     .where(jobs_table.c.status == IN_QUEUE)
-                    .order_by(jobs_table.c.seq)
+                    .order_by(jobs_table.c.priority, jobs_table.c.seq)
                     .limit(1)
                     .with_for_update(skip_locked=True)  # PostgreSQL; not rendered on SQLite
                 ).scalar_one_or_none()

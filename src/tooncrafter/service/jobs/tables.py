@@ -10,6 +10,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -18,6 +19,10 @@ from sqlalchemy import (
 IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"
 COMPLETED = "COMPLETED"
+
+# X-Fal-Queue-Priority: every `normal` request runs before any `low` one (fal's rule), each in
+# submission order. Stored as a small integer so the claim query can order on it.
+PRIORITIES = {"normal": 0, "low": 1}
 
 metadata = MetaData()
 
@@ -47,7 +52,9 @@ jobs_table = Table(
     Column("error_type", String(64)),
     Column("inference_time", Float),
     Column("file_keys_json", Text, nullable=False, default="[]"),
-    Index("ix_jobs_status_seq", "status", "seq"),  # claim order and queue positions
+    Column("priority", SmallInteger, nullable=False, server_default="0"),  # PRIORITIES: lower runs first
+    Index("ix_jobs_status_seq", "status", "seq"),
+    Index("ix_jobs_status_priority_seq", "status", "priority", "seq"),  # claim order and queue positions
 )
 
 logs_table = Table(
