@@ -266,13 +266,13 @@ def encode_sketches(
         raise ValueError(f"sketch guidance: x_noisy must be [B, C, T, h, w], got {tuple(x_noisy.shape)}")
     b, c, t, h, w = x_noisy.shape
     mask = frame_mask.to(device=x_noisy.device, dtype=torch.bool)
-    if mask.ndim == 1:
+    if mask.ndim == 1 and mask.shape[0] == t:
         mask = mask.expand(b, t)
     if tuple(mask.shape) != (b, t):
         raise ValueError(f"sketch guidance: frame_mask must be [T={t}] or [B={b}, T={t}], got {tuple(frame_mask.shape)}")
     if scale == 0 or not bool(mask.any()):
         return None
-    if sketches.ndim == 4:
+    if sketches.ndim == 4 and sketches.shape[0] == t:
         sketches = sketches.expand(b, *sketches.shape)
     if sketches.ndim != 5 or tuple(sketches.shape[:2]) != (b, t):
         raise ValueError(f"sketch guidance: sketches must be [T={t}, 1, H, W] or [B={b}, T={t}, 1, H, W], got {tuple(sketches.shape)}")
