@@ -258,6 +258,15 @@ def preprocess_keyframe(
         image = Image.fromarray(image)
     if image.mode != "RGB":
         image = _to_rgb(image)
+    image = fit_image(image, height, width, fit=fit)
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)  # [3, H, W]
+    # Same float ops as ToTensor + Normalize(0.5, 0.5), so the result is bit-identical.
+    return pixels.to(torch.float32).div(255).sub(0.5).div(0.5).contiguous()
+
+
+def fit_image(image: Image.Image, height: int, width: int, *, fit: Literal["cover", "official"] = "cover") -> Image.Image:
+    """Resize and centre-crop a PIL image (RGB or L) to `height x width` as `preprocess_keyframe` does,
+    so that anything drawn over a keyframe (a sketch) lands on the same pixels."""
     if height <= 0 or width <= 0:
         raise MediaError(f"target size must be positive, got {height}x{width}")
     src_w, src_h = image.size
@@ -269,10 +278,7 @@ def preprocess_keyframe(
         raise MediaError(f"fit must be 'cover' or 'official', got {fit!r}")
     if (new_w, new_h) != (src_w, src_h):
         image = image.resize((new_w, new_h), Image.BILINEAR)
-    image = _center_crop(image, height, width)
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)  # [3, H, W]
-    # Same float ops as ToTensor + Normalize(0.5, 0.5), so the result is bit-identical.
-    return pixels.to(torch.float32).div(255).sub(0.5).div(0.5).contiguous()
+    return _center_crop(image, height, width)
 
 
 def _short_side_size(src_h: int, src_w: int, short: int) -> tuple[int, int]:
@@ -295,7 +301,7 @@ def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
     if width > src_w or height > src_h:
         pad_left = (width - src_w) // 2 if width > src_w else 0
         pad_top = (height - src_h) // 2 if height > src_h else 0
-        canvas = Image.new("RGB", (max(width, src_w), max(height, src_h)), (0, 0, 0))
+        canvas = Image.new(image.mode, (max(width, src_w), max(height, src_h)), 0)
         canvas.paste(image, (pad_left, pad_top))
         image = canvas
         src_w, src_h = image.size
