@@ -263,3 +263,18 @@ def test_full_size_layout_is_the_cldm_v21_controlnet() -> None:
     assert shapes["middle_block_out.0.weight"] == (1280, 1280, 1, 1)
     assert not any("to_k_ip" in k or "temopral_conv" in k or "fps_embedding" in k or "time_stack" in k for k in shapes)
     assert encoder.num_residuals == len(encoder.zero_convs) + 1 == 13
+
+
+@torch.no_grad()
+def test_low_precision_weights_follow_fp32(reference: FixtureSet, checkpoint_file: Path, fx: dict) -> None:
+    """bf16 weights and inputs (the GPU path, run here on CPU): residuals near the fp32 ones."""
+    config = _config(reference)
+    sketches, mask = _sketch_inputs(fx)
+    args = (fx["timesteps"], fx["context"], sketches, mask, 1.0)
+    full = encode_sketches(load_sketch_encoder(checkpoint_file, config), fx["x_noisy"], *args)
+    low_encoder = load_sketch_encoder(checkpoint_file, config, dtype=torch.bfloat16)
+    low = encode_sketches(low_encoder, fx["x_noisy"].bfloat16(), fx["timesteps"], fx["context"].bfloat16(), *args[2:])
+    assert full is not None and low is not None
+    for a, b in zip(full, low):
+        assert b.dtype == torch.bfloat16
+        assert float((b.float() - a).abs().max()) <= 5e-2 * float(a.abs().max()) + 1e-2
