@@ -18,6 +18,7 @@ from tooncrafter.weights import (
     hub_cache_dir,
     resolve_checkpoint,
     resolve_open_clip_weights,
+    resolve_sketch_checkpoint,
 )
 
 REFERENCE = fixtures_dir_from_env()  # only its file layout is used: model.ckpt + config.yaml
@@ -271,3 +272,72 @@ def test_open_clip_weights_offline_and_not_cached(offline_cache: Path):
 def test_open_clip_unknown_release():
     with pytest.raises(WeightsNotFoundError, match="no Hugging Face hub release"):
         resolve_open_clip_weights("ViT-H-14", "no-such-release")
+
+
+# --------------------------------------------------------------------------------------------
+# Sketch encoder weights
+# --------------------------------------------------------------------------------------------
+
+
+def test_sketch_checkpoint_explicit_file_and_directory(tmp_path: Path):
+    ckpt = tmp_path / "my_sketch.safetensors"
+    ckpt.write_bytes(b"x")
+    assert resolve_sketch_checkpoint(ckpt) == ckpt
+    assert resolve_sketch_checkpoint(str(ckpt)) == ckpt
+    (tmp_path / "sketch_encoder.ckpt").write_bytes(b"x")
+    assert resolve_sketch_checkpoint(tmp_path) == tmp_path / "sketch_encoder.ckpt"
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(WeightsNotFoundError, match="--sketch-checkpoint .*not a checkpoint file"):
+        resolve_sketch_checkpoint(tmp_path / "notes.txt")
+
+
+def test_sketch_checkpoint_missing_path_names_the_option(tmp_path: Path):
+    with pytest.raises(WeightsNotFoundError) as info:
+        resolve_sketch_checkpoint(tmp_path / "nowhere.ckpt")
+    message = str(info.value)
+    assert "--sketch-checkpoint" in message and "TOONCRAFTER_SKETCH_CHECKPOINT" in message
+    assert "--checkpoint " not in message.replace("--sketch-checkpoint", "")
+    with pytest.raises(WeightsNotFoundError, match="directory without sketch_encoder.ckpt"):
+        resolve_sketch_checkpoint(tmp_path)
+
+
+def test_sketch_checkpoint_from_offline_hub_cache(offline_cache: Path, tmp_path: Path):
+    source = tmp_path / "sketch.bin"
+    source.write_bytes(b"sketch weights")
+    snapshot = _lay_out_hub_cache(
+        offline_cache, "Doubiiu/ToonCrafter", {"model.ckpt": source, weights.SKETCH_FILENAME: source}
+    )
+    assert weights.SKETCH_FILENAME == "sketch_encoder.ckpt"
+    assert resolve_sketch_checkpoint(None) == snapshot / "sketch_encoder.ckpt"
+
+
+def test_sketch_checkpoint_offline_and_not_cached_names_sketch_option(offline_cache: Path, tmp_path: Path):
+    source = tmp_path / "model.bin"
+    source.write_bytes(b"main weights only")
+    _lay_out_hub_cache(offline_cache, "Doubiiu/ToonCrafter", {"model.ckpt": source})
+    with pytest.raises(WeightsNotFoundError) as info:
+        resolve_sketch_checkpoint(None, progress=False)
+    message = str(info.value)
+    assert "Doubiiu/ToonCrafter/sketch_encoder.ckpt" in message and "HF_HUB_OFFLINE" in message
+    assert "--sketch-checkpoint" in message and "TOONCRAFTER_SKETCH_CHECKPOINT" in message
+
+
+def test_sketch_checkpoint_downloads_like_model_ckpt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    calls = []
+
+    def fake_download(**kwargs):
+        calls.append(kwargs)
+        if kwargs.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        return str(tmp_path / kwargs["filename"])
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(weights.hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(weights, "hf_hub_download", fake_download)
+    assert resolve_sketch_checkpoint(None, cache_dir=tmp_path) == tmp_path / "sketch_encoder.ckpt"
+    assert [(c["repo_id"], c["filename"], bool(c.get("local_files_only"))) for c in calls] == [
+        ("Doubiiu/ToonCrafter", "sketch_encoder.ckpt", True),
+        ("Doubiiu/ToonCrafter", "sketch_encoder.ckpt", False),
+    ]

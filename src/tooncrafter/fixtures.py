@@ -7,11 +7,14 @@ reference README: modules `1e-4 + 1e-4 * max|ref|`, pipeline `1e-3`, guided v `2
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -109,3 +112,40 @@ class FixtureSet:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
+
+
+def random_state_dict(
+    shapes: Mapping[str, Sequence[int]], seed: int, *, damped: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
+    """Random float32 weights for a key layout, for fixtures made without real checkpoints.
+
+    Each key draws from its own CPU generator seeded with `seed` and the key's CRC-32, so a value
+    depends only on (seed, key, shape): a re-implementation with the same layout rebuilds the same
+    weights in any order. Like `reference/tiny_a`: matrices and kernels `N(0, 1/fan_in)` (x0.5 for
+    keys containing one of `damped`, the layers training initialises at zero), 1-D weights
+    (norm scales) `1 + 0.1 N`, biases `0.05 N`.
+    """
+    state = {}
+    for key in sorted(shapes):
+        shape = tuple(int(n) for n in shapes[key])
+        generator = torch.Generator("cpu").manual_seed((seed * 0x9E3779B1 + zlib.crc32(key.encode())) % 2**63)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if key.endswith(".bias"):
+            value = 0.05 * noise
+        elif len(shape) == 1:
+            value = 1.0 + 0.1 * noise
+        else:
+            fan_in = math.prod(shape[1:])
+            value = noise / math.sqrt(fan_in) * (0.5 if any(name in key for name in damped) else 1.0)
+        state[key] = value
+    return state
+
+
+def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the keys, shapes and float32 bytes of a state dict (sorted by key)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{key}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()

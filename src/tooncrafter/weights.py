@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_REPO_ID = "Doubiiu/ToonCrafter"
 DEFAULT_FILENAME = "model.ckpt"
+# The sketch encoder's weights, released beside model.ckpt (needed only when sketches are given).
+SKETCH_FILENAME = "sketch_encoder.ckpt"
 CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 # In a checkpoint directory: safetensors first (no pickle at all), then the official file.
 DIRECTORY_WEIGHT_NAMES = ("model.safetensors", "model.ckpt")
@@ -47,6 +49,13 @@ _HOW_TO_FIX = (
     "Pass --checkpoint PATH (or set TOONCRAFTER_CHECKPOINT) to an official model.ckpt, a .safetensors "
     "of the same keys, or a directory holding model.ckpt + config.yaml; or run once with network "
     "access (and without HF_HUB_OFFLINE) to download it into the Hugging Face cache."
+)
+
+
+_SKETCH_HOW_TO_FIX = (
+    "Pass --sketch-checkpoint PATH (or set TOONCRAFTER_SKETCH_CHECKPOINT) to the released "
+    f"{SKETCH_FILENAME} or a .safetensors of the same keys; or run once with network access (and without "
+    "HF_HUB_OFFLINE) to download it into the Hugging Face cache."
 )
 
 
@@ -95,6 +104,50 @@ def resolve_checkpoint(
             )
         return ResolvedCheckpoint(weights_path=path, config_path=None, directory=path.parent, source="file")
     raise WeightsNotFoundError(f"--checkpoint {path}: no such file or directory. {_HOW_TO_FIX}")
+
+
+def resolve_sketch_checkpoint(
+    sketch_checkpoint: str | Path | None,
+    *,
+    repo_id: str = DEFAULT_REPO_ID,
+    filename: str = SKETCH_FILENAME,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Resolve `--sketch-checkpoint` (a file, or None for the hub) to the sketch encoder's weights.
+
+    None: `repo_id`/`filename` (the released `sketch_encoder.ckpt`) from the HF cache, else
+    downloaded into it, exactly like `model.ckpt`; offline and not cached is an error naming
+    `--sketch-checkpoint`. The lead's settings read `TOONCRAFTER_SKETCH_CHECKPOINT` into the argument.
+    """
+    if sketch_checkpoint is None or str(sketch_checkpoint) == "":
+        return _hub_file(
+            repo_id,
+            [filename],
+            revision=revision,
+            cache_dir=cache_dir,
+            progress=progress,
+            what="sketch encoder weights",
+            how_to_fix=_SKETCH_HOW_TO_FIX,
+        )
+    path = Path(sketch_checkpoint).expanduser()
+    if path.is_dir():
+        candidates = [path / SKETCH_FILENAME, path / (Path(SKETCH_FILENAME).stem + ".safetensors")]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise WeightsNotFoundError(
+                f"--sketch-checkpoint {path} is a directory without {' or '.join(c.name for c in candidates)}. "
+                f"{_SKETCH_HOW_TO_FIX}"
+            )
+        return found
+    if path.is_file():
+        if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+            raise WeightsNotFoundError(
+                f"--sketch-checkpoint {path} is not a checkpoint file (expected one of {', '.join(CHECKPOINT_SUFFIXES)})"
+            )
+        return path
+    raise WeightsNotFoundError(f"--sketch-checkpoint {path}: no such file or directory. {_SKETCH_HOW_TO_FIX}")
 
 
 def _resolve_directory(directory: Path) -> ResolvedCheckpoint:
@@ -192,6 +245,7 @@ def _hub_file(
     cache_dir: str | Path | None,
     progress: bool,
     what: str,
+    how_to_fix: str = _HOW_TO_FIX,
 ) -> Path:
     """The first of `filenames` in a hub repo: a cached copy without asking the hub, else a download.
 
@@ -212,7 +266,7 @@ def _hub_file(
     if hub_offline():
         raise WeightsNotFoundError(
             f"{what} not found: {wanted} is not in the Hugging Face cache ({cache}) and offline mode is on "
-            f"(HF_HUB_OFFLINE). {_HOW_TO_FIX}"
+            f"(HF_HUB_OFFLINE). {how_to_fix}"
         )
 
     # 2. Download the first candidate the hub has.
@@ -226,13 +280,13 @@ def _hub_file(
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
             raise WeightsNotFoundError(
                 f"{what} not found: {wanted} is not in the Hugging Face cache ({cache}) and the Hugging Face "
-                f"hub cannot be reached. {_HOW_TO_FIX}"
+                f"hub cannot be reached. {how_to_fix}"
             ) from exc
         except EntryNotFoundError:
             logger.debug("%s does not exist on the hub", where)
             continue
         except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
-            raise WeightsNotFoundError(f"{what}: the hub refused {where}: {exc}. {_HOW_TO_FIX}") from exc
+            raise WeightsNotFoundError(f"{what}: the hub refused {where}: {exc}. {how_to_fix}") from exc
         except (HfHubHTTPError, OSError) as exc:
-            raise WeightsNotFoundError(f"{what}: downloading {where} failed: {exc}. {_HOW_TO_FIX}") from exc
-    raise WeightsNotFoundError(f"{what}: {wanted} does not exist on the hub. {_HOW_TO_FIX}")
+            raise WeightsNotFoundError(f"{what}: downloading {where} failed: {exc}. {how_to_fix}") from exc
+    raise WeightsNotFoundError(f"{what}: {wanted} does not exist on the hub. {how_to_fix}")

@@ -13,6 +13,7 @@ import time
 import urllib.parse
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -207,3 +208,57 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
         values = values / 257.0  # 65535 -> 255
     out = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return Image.fromarray(out)  # 2-D uint8 -> mode "L"
+
+
+# --------------------------------------------------------------------------------------------
+# RGB (or L) image -> the model's frame size
+# --------------------------------------------------------------------------------------------
+
+
+def fit_image(image: Image.Image, height: int, width: int, *, fit: Literal["cover", "official"] = "cover") -> Image.Image:
+    """Resize and centre-crop a PIL image (RGB or L) to `height x width`, as the keyframes are
+    (`tensors.preprocess_keyframe`), so that anything drawn over a keyframe (a sketch) lands on
+    the same pixels. `fit` is explained there."""
+    if height <= 0 or width <= 0:
+        raise MediaError(f"target size must be positive, got {height}x{width}")
+    src_w, src_h = image.size
+    if fit == "cover":
+        new_h, new_w = _cover_size(src_h, src_w, height, width)
+    elif fit == "official":
+        new_h, new_w = _short_side_size(src_h, src_w, min(height, width))
+    else:
+        raise MediaError(f"fit must be 'cover' or 'official', got {fit!r}")
+    if (new_w, new_h) != (src_w, src_h):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    return _center_crop(image, height, width)
+
+
+def _short_side_size(src_h: int, src_w: int, short: int) -> tuple[int, int]:
+    """torchvision `Resize(int)`: short side -> `short`, long side `int(short * long / short_src)`."""
+    if src_w <= src_h:
+        return int(short * src_h / src_w), short
+    return short, int(short * src_w / src_h)
+
+
+def _cover_size(src_h: int, src_w: int, height: int, width: int) -> tuple[int, int]:
+    """Smallest aspect-preserving size that covers `height x width` (same rounding as torchvision)."""
+    if height * src_w >= width * src_h:  # the image is at least as wide as the frame: height binds
+        return height, max(width, int(height * src_w / src_h))
+    return max(height, int(width * src_h / src_w)), width
+
+
+def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """torchvision `CenterCrop`: zero-pad when smaller (left/top get the floor half), round-half-even offsets."""
+    src_w, src_h = image.size
+    if width > src_w or height > src_h:
+        pad_left = (width - src_w) // 2 if width > src_w else 0
+        pad_top = (height - src_h) // 2 if height > src_h else 0
+        canvas = Image.new(image.mode, (max(width, src_w), max(height, src_h)), 0)
+        canvas.paste(image, (pad_left, pad_top))
+        image = canvas
+        src_w, src_h = image.size
+    top = int(round((src_h - height) / 2.0))
+    left = int(round((src_w - width) / 2.0))
+    if (top, left, src_h, src_w) == (0, 0, height, width):
+        return image
+    return image.crop((left, top, left + width, top + height))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from tooncrafter.media import MediaError
-from tooncrafter.media.images import to_rgb
+from tooncrafter.media.images import fit_image, to_rgb
 
 # --------------------------------------------------------------------------------------------
 # RGB image -> model input
@@ -39,52 +39,10 @@ def preprocess_keyframe(
         image = Image.fromarray(image)
     if image.mode != "RGB":
         image = to_rgb(image)
-    if height <= 0 or width <= 0:
-        raise MediaError(f"target size must be positive, got {height}x{width}")
-    src_w, src_h = image.size
-    if fit == "cover":
-        new_h, new_w = _cover_size(src_h, src_w, height, width)
-    elif fit == "official":
-        new_h, new_w = _short_side_size(src_h, src_w, min(height, width))
-    else:
-        raise MediaError(f"fit must be 'cover' or 'official', got {fit!r}")
-    if (new_w, new_h) != (src_w, src_h):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    image = _center_crop(image, height, width)
+    image = fit_image(image, height, width, fit=fit)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)  # [3, H, W]
     # Same float ops as ToTensor + Normalize(0.5, 0.5), so the result is bit-identical.
     return pixels.to(torch.float32).div(255).sub(0.5).div(0.5).contiguous()
-
-
-def _short_side_size(src_h: int, src_w: int, short: int) -> tuple[int, int]:
-    """torchvision `Resize(int)`: short side -> `short`, long side `int(short * long / short_src)`."""
-    if src_w <= src_h:
-        return int(short * src_h / src_w), short
-    return short, int(short * src_w / src_h)
-
-
-def _cover_size(src_h: int, src_w: int, height: int, width: int) -> tuple[int, int]:
-    """Smallest aspect-preserving size that covers `height x width` (same rounding as torchvision)."""
-    if height * src_w >= width * src_h:  # the image is at least as wide as the frame: height binds
-        return height, max(width, int(height * src_w / src_h))
-    return max(height, int(width * src_h / src_w)), width
-
-
-def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    """torchvision `CenterCrop`: zero-pad when smaller (left/top get the floor half), round-half-even offsets."""
-    src_w, src_h = image.size
-    if width > src_w or height > src_h:
-        pad_left = (width - src_w) // 2 if width > src_w else 0
-        pad_top = (height - src_h) // 2 if height > src_h else 0
-        canvas = Image.new("RGB", (max(width, src_w), max(height, src_h)), (0, 0, 0))
-        canvas.paste(image, (pad_left, pad_top))
-        image = canvas
-        src_w, src_h = image.size
-    top = int(round((src_h - height) / 2.0))
-    left = int(round((src_w - width) / 2.0))
-    if (top, left, src_h, src_w) == (0, 0, height, width):
-        return image
-    return image.crop((left, top, left + width, top + height))
 
 
 # --------------------------------------------------------------------------------------------

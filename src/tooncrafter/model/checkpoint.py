@@ -139,18 +139,21 @@ def load_into(
     Missing keys, unexpected keys and shape mismatches are errors listing the keys. Floating point
     tensors are cast to `dtype` (None keeps the checkpoint's dtype); integer buffers keep theirs.
     """
+    # Components of the main checkpoint name keys with their prefix; a separate file (the sketch
+    # encoder) has none.
+    prefix = PREFIXES.get(component, "")
     expected = module.state_dict()
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_format_keys(PREFIXES[component] + k for k in missing)}")
+            parts.append(f"missing keys: {_format_keys(prefix + k for k in missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_format_keys(PREFIXES[component] + k for k in unexpected)}")
+            parts.append(f"unexpected keys: {_format_keys(prefix + k for k in unexpected)}")
         raise CheckpointError(f"{component}: checkpoint does not match the model ({'; '.join(parts)})")
     bad_shapes = [
-        f"{PREFIXES[component]}{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        f"{prefix}{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
         if tuple(state[k].shape) != tuple(v.shape)
     ]

@@ -14,6 +14,8 @@ Notation:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -176,10 +178,14 @@ class UNet3D(nn.Module):
         timesteps: torch.Tensor,
         context: torch.Tensor,
         fs: torch.Tensor | None = None,
+        sketch_residuals: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: `[B, in_channels, T, h, w]` (noisy latent then c_concat), timesteps: int `[B]`,
         context: `[B, L, context_dim]`, fs: int `[B]` or None (-> `default_fs`). Returns `[B, out_channels, T, h, w]`.
         A single timestep or fs value is broadcast over the batch.
+        sketch_residuals: the sketch encoder's `len(input_blocks) + 1` tensors `[(B T), C_i, h_i, w_i]`
+        (`sketch_encoder.encode_sketches`): the last is added after the middle block, the others to
+        the skip of the same index, ControlNet-style. None (default) leaves the computation untouched.
         """
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"unet: x must be [B, {self.config.in_channels}, T, h, w], got {tuple(x.shape)}")
@@ -214,10 +220,17 @@ class UNet3D(nn.Module):
 
         # 5. mid
         h = self.middle_block(h, emb, context, num_frames)
+        if sketch_residuals is not None:
+            if len(sketch_residuals) != len(hs) + 1:
+                raise ValueError(f"unet: sketch_residuals must hold {len(hs) + 1} tensors, got {len(sketch_residuals)}")
+            h = h + sketch_residuals[-1]
 
-        # 6. up: each stage takes cat([h, the matching skip]) on the channel axis
+        # 6. up: each stage takes cat([h, the matching skip (+ its sketch residual)]) on the channel axis
         for stage in self.output_blocks:
-            h = stage(torch.cat([h, hs.pop()], dim=1), emb, context, num_frames)
+            skip = hs.pop()
+            if sketch_residuals is not None:
+                skip = skip + sketch_residuals[len(hs)]
+            h = stage(torch.cat([h, skip], dim=1), emb, context, num_frames)
 
         # 7. post-process, then unfold frames: [(B T), C, h, w] -> [B, C, T, h, w]
         y = self.out(h).to(x.dtype)  # under autocast the conv runs low precision; hand back x's dtype
