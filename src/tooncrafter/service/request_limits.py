@@ -22,10 +22,6 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _TOKEN_ROUTES = ("/storage/upload/put/", "/storage/upload/multipart/")  # authorised by the signed token in the path
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()
     await send(
@@ -66,30 +62,25 @@ class RequestLimits:
             return
 
         received = 0
-        started = False
 
         async def limited_receive() -> Message:
+            # Raised inside the route's body read, so the app's own HTTPException handling answers
+            # it (FastAPI passes HTTPExceptions from the body read through unchanged).
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLarge()
+                    raise HTTPException(413, detail=_too_large_message(limit))
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._too_large(send, limit)
+        await self.app(scope, limited_receive, send)
 
     @staticmethod
     async def _too_large(send: Send, limit: int) -> None:
-        message = f"request body is larger than the limit of {limit} bytes"
+        message = _too_large_message(limit)
         await _send_json(send, 413, {"detail": message, "message": message})
+
+
+def _too_large_message(limit: int) -> str:
+    return f"request body is larger than the limit of {limit} bytes"
