@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tooncrafter.service import server
-from tooncrafter.settings import Settings, get_settings
+from tooncrafter.settings import Settings
 
 
 def test_env_names_and_defaults(monkeypatch, tmp_path):
@@ -36,12 +36,6 @@ def test_empty_keys_mean_open_and_bad_values_fail(monkeypatch, tmp_path):
         Settings(data_dir=tmp_path, endpoint_id="just-one-part")
     with pytest.raises(ValueError):
         Settings(data_dir=tmp_path, dtype="float8")
-
-
-def test_get_settings_is_cached():
-    get_settings.cache_clear()
-    assert get_settings() is get_settings()
-    get_settings.cache_clear()
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Stored files in an S3-compatible bucket (AWS S3, MinIO, Cloudflare R2, Ceph, ...).
 
-Same keys and semantics as `LocalFileStorage` (see `storage.py`): a key `"{token}/{name}"` is the
+Same keys and semantics as `local.LocalFileStorage` (see `base.py`): a key `"{token}/{name}"` is the
 object `"{prefix}/{token}/{name}"`, written once and never overwritten (`If-None-Match: *`, a
 conditional write every current S3-compatible store honours), read whole or by byte range. The
 content type lives on the object; the size comes from `HEAD`.
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from tooncrafter.service.storage import (
+from tooncrafter.service.storage.base import (
     READ_CHUNK_BYTES,
     InvalidKeyError,
     StorageError,

@@ -1,6 +1,6 @@
 """The playground page (`GET /`): its routes, and the page itself driven in headless Chromium.
 
-The browser tests run tests/browser/playground.mjs (playwright-core, pinned in package.json) with
+The browser tests run tests/service/browser/playground.mjs (playwright-core, pinned in package.json) with
 Debian's `/usr/bin/chromium` against a real uvicorn server on loopback: uploads through the storage
 flow, a run on the tiny checkpoint whose video must play, cancel, field errors, API keys, history
 across reloads, and /docs showing the endpoint's example. Screenshots go to test-artifacts/playground.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import (
+from helpers.service import (
     ENDPOINT,
     JS_DIR,
     TINY_CHECKPOINT,
@@ -36,7 +36,7 @@ from tooncrafter.service.app import create_app
 
 BROWSER_DIR = Path(__file__).parent / "browser"
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "playground"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "playground"
 EXAMPLE_PROMPT = "A army general swings his arm"
 
 
@@ -85,7 +85,7 @@ def test_openapi_submit_route_carries_the_example(tmp_path):
 
 @pytest.fixture(scope="module")
 def browser_dir() -> Path:
-    """tests/browser with playwright-core installed, and a system Chromium."""
+    """tests/service/browser with playwright-core installed, and a system Chromium."""
     if not CHROMIUM.is_file():
         unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
     directory = npm_project_dir(BROWSER_DIR, "playwright-core")

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service_helpers import fake_factory, make_settings, png_data_uri, running_server
+from helpers.service import fake_factory, make_settings, png_data_uri, running_server
 from tooncrafter.service.app import create_app
 
 json_scalars = st.one_of(

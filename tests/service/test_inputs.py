@@ -31,7 +31,7 @@ from tooncrafter.service.inputs import (
     fetch_input,
     sniff_image_type,
 )
-from tooncrafter.service.storage import LocalFileStorage
+from tooncrafter.service.storage.local import LocalFileStorage
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64

@@ -1,5 +1,7 @@
 """Shared pieces for the service tests: a fast fake generator, settings, and a real uvicorn on loopback.
 
+Importable as `helpers.service` from any test (pyproject's pytest `pythonpath` holds `tests`).
+
 Swapping the fake for the real pipeline is one line: pass `generator_factory=tiny_pipeline_factory`
 (or any `Settings -> Generator` callable) to `running_server`.
 """
@@ -18,49 +20,73 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Iterator
 
 import httpx
 import numpy as np
 from PIL import Image
 
-from tooncrafter.generation import (
-    GenerationCancelled,
-    GenerationRequest,
-    GenerationResult,
-)
+from tooncrafter.fixtures import DEFAULT_FIXTURES
+from tooncrafter.generation import GenerationRequest, GenerationResult, ProgressCallback
+from tooncrafter.service.jobs import JobStore
+from tooncrafter.service.runtime import Runtime
 from tooncrafter.settings import Settings
 
 ENDPOINT = "fal-ai/toon-crafter"
-TINY_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tiny_a"
+TINY_CHECKPOINT = DEFAULT_FIXTURES
+SERVICE_TESTS_DIR = Path(__file__).resolve().parents[1] / "service"
 
 
 @dataclass
 class FakeGenerator:
-    """Frames that are a function of the inputs, a few ms per step; `gate` (when set) holds step 1."""
+    """A `Generator` whose frames are a function of the inputs, a few ms per step.
+
+    `gate` (when set) holds step 1 until it is set, or until `release()` turns true: a held step
+    ends like a long real one, and only then does the worker's `on_step` see a cancel."""
 
     num_frames: int = 8
     step_sleep_s: float = 0.005
     gate: threading.Event | None = None
+    release: Callable[[], bool] | None = None
     started: threading.Event = field(default_factory=threading.Event)
     requests: list[GenerationRequest] = field(default_factory=list)
 
-    def generate(self, request, *, on_step=None, should_cancel=None) -> GenerationResult:
+    def __call__(self, request: GenerationRequest, *, on_step: ProgressCallback | None = None) -> GenerationResult:
         self.requests.append(request)
         self.started.set()
         for step in range(1, request.steps + 1):
-            if self.gate is not None:
-                while not self.gate.wait(0.01):
-                    if should_cancel is not None and should_cancel():
-                        raise GenerationCancelled()
+            if step == 1 and self.gate is not None:
+                while not self.gate.wait(0.01) and not (self.release is not None and self.release()):
+                    pass
             time.sleep(self.step_sleep_s)
             if on_step is not None:
                 on_step(step, request.steps)
-            if should_cancel is not None and should_cancel():
-                raise GenerationCancelled()
         first = np.asarray(request.keyframes[0].resize((32, 32)), dtype=np.uint8)
         frames = np.stack([np.roll(first, i, axis=1) for i in range(self.num_frames)])
         return GenerationResult(frames=frames, seed=request.seed)
+
+
+def cancel_requested(store: JobStore) -> Callable[[], bool]:
+    """`FakeGenerator.release` for tests whose cancel comes from a client process: true once any
+    running job of `store` was asked to stop."""
+    from sqlalchemy import select
+
+    from tooncrafter.service.jobs import IN_PROGRESS
+    from tooncrafter.service.jobs.tables import jobs_table
+
+    query = select(jobs_table.c.id).where(jobs_table.c.status == IN_PROGRESS, jobs_table.c.cancel_requested.is_(True))
+
+    def released() -> bool:
+        with store.engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
+    return released
+
+
+def runtime_of(client: Any) -> Runtime:
+    """The runtime an app's lifespan opened, from a `TestClient` used as a context manager."""
+    return client.app_state["runtime"]
 
 
 def fake_factory(generator: FakeGenerator | None = None):
@@ -80,6 +106,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "data_dir": tmp_path / "data",
         "allow_private_urls": True,
         "worker_poll_s": 0.05,
+        "cancel_poll_s": 0.0,  # the fake's steps take milliseconds: read the cancel flag at every one
         "webhook_base_delay_s": 0.2,
         "webhook_max_delay_s": 1.0,
         "webhook_timeout_s": 5.0,
@@ -138,14 +165,19 @@ class RunningServer:
     port: int
     scheme: str
     tls: TLSFiles | None
+    server: Any = None  # the uvicorn.Server, whose lifespan holds the app's state
 
     @property
     def base_url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
-    def store(self):
-        return self.app.state.job_store
+    def runtime(self) -> Runtime:
+        return self.server.lifespan.state["runtime"]
+
+    @property
+    def store(self) -> JobStore:
+        return self.runtime.store
 
     def client(self, **kwargs: Any) -> httpx.Client:
         verify: Any = True
@@ -178,7 +210,7 @@ def running_server(app: Any, *, tls: TLSFiles | None = None) -> Iterator[Running
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield RunningServer(app, "127.0.0.1", port, "https" if tls else "http", tls)
+        yield RunningServer(app, "127.0.0.1", port, "https" if tls else "http", tls, server)
     finally:
         server.should_exit = True
         thread.join(20)
@@ -246,7 +278,7 @@ def postgres_server(tmp_path: Path) -> Iterator[str]:
         _shutil.rmtree(root, ignore_errors=True)
 
 
-JS_DIR = Path(__file__).parent / "js"
+JS_DIR = SERVICE_TESTS_DIR / "js"
 
 
 def unavailable(reason: str) -> None:
@@ -276,5 +308,5 @@ def npm_project_dir(directory: Path, package: str) -> Path:
 
 
 def js_client_dir() -> Path:
-    """tests/js with @fal-ai/client installed."""
+    """tests/service/js with @fal-ai/client installed."""
     return npm_project_dir(JS_DIR, "@fal-ai/client")

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import FileResponse, JSONResponse
 
 from tooncrafter.schema import MAX_KEYFRAMES
-from tooncrafter.settings import Settings
+from tooncrafter.service.api.deps import get_runtime
+from tooncrafter.service.runtime import Runtime
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).parents[1] / "static"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 # The page loads its own script and style sheet only; media and API calls may go to other origins
 # (S3 video URLs, PUBLIC_URL behind a proxy, keyframe URLs the user pastes).
@@ -41,13 +42,12 @@ def playground_router() -> APIRouter:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
     @router.get("/playground/config")
-    def config(request: Request) -> JSONResponse:
-        settings: Settings = request.app.state.settings
+    def config(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
         return JSONResponse(
             {
-                "auth_required": settings.auth_enabled,
-                "num_frames": settings.model_num_frames(),
-                "endpoint_id": settings.endpoint_id,
+                "auth_required": runtime.settings.auth_enabled,
+                "num_frames": runtime.num_frames,
+                "endpoint_id": runtime.settings.endpoint_id,
                 "max_keyframes": MAX_KEYFRAMES,
             }
         )

@@ -9,7 +9,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from service_helpers import FakeGenerator, fake_factory, make_settings, png_data_uri, two_keyframes, wait_until
+from helpers.service import FakeGenerator, cancel_requested, fake_factory, make_settings, png_data_uri, runtime_of, two_keyframes, wait_until
 from tooncrafter.service.app import create_app
 
 Q = "/queue/fal-ai/toon-crafter"
@@ -115,7 +115,7 @@ def test_422_names_the_field(tmp_path, field, value, loc):
             detail = response.json()["detail"]
             assert detail[0]["loc"][: len(loc)] == loc
             assert field in json.dumps(detail) or field in response.json()["message"]
-        assert client.app.state.job_store.claim("nobody", 1) is None  # nothing was queued
+        assert runtime_of(client).store.claim("nobody", 1) is None  # nothing was queued
 
 
 def test_missing_body_and_bad_webhook_are_422(tmp_path):
@@ -151,6 +151,7 @@ def test_unknown_ids_endpoints_and_paths_are_404(tmp_path):
 def test_cancel_codes(tmp_path):
     gen = FakeGenerator(gate=threading.Event())
     with _client(tmp_path, gen) as client:
+        gen.release = cancel_requested(runtime_of(client).store)
         running = _submit(client)
         assert gen.started.wait(10)
         queued = _submit(client)
@@ -180,10 +181,10 @@ def test_bad_keyframe_is_a_replayed_422(tmp_path):
 
 def test_generator_crash_is_a_500_result_and_the_worker_survives(tmp_path):
     class Boom(FakeGenerator):
-        def generate(self, request, **kwargs):
+        def __call__(self, request, **kwargs):
             if request.prompt == "boom":
                 raise RuntimeError("kaput")
-            return super().generate(request, **kwargs)
+            return super().__call__(request, **kwargs)
 
     with _client(tmp_path, Boom()) as client:
         bad = _submit(client, prompt="boom")

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from tooncrafter.service.storage import (
+from tooncrafter.service.storage import storage_from_url
+from tooncrafter.service.storage.base import (
     InvalidKeyError,
-    LocalFileStorage,
     Storage,
     StorageError,
     StoredFile,
     is_valid_key,
     public_file_url,
     safe_file_name,
-    storage_from_url,
 )
+from tooncrafter.service.storage.local import LocalFileStorage
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_metadata_sidecar_is_json(storage: LocalFileStorage) -> None:
 def test_storage_from_url(tmp_path: Path) -> None:
     storage = storage_from_url(f"file://{tmp_path}/store")
     assert isinstance(storage, LocalFileStorage) and storage.root == (tmp_path / "store").resolve()
-    from tooncrafter.service.s3_storage import S3Storage
+    from tooncrafter.service.storage.s3 import S3Storage
 
     assert isinstance(storage_from_url("s3://bucket/prefix"), S3Storage)
     with pytest.raises(StorageError):
@@ -138,8 +138,8 @@ def test_public_file_url() -> None:
 
 
 def test_every_backend_mints_keys_the_same_way(storage: LocalFileStorage) -> None:
-    from tooncrafter.service.s3_storage import S3Storage
-    from tooncrafter.service.storage import is_valid_key, key_file_name
+    from tooncrafter.service.storage.base import key_file_name
+    from tooncrafter.service.storage.s3 import S3Storage
 
     s3 = S3Storage("bucket", "prefix", client=object())  # new_key never touches the client
     for backend in (storage, s3):

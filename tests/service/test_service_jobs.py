@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service_helpers import postgres_server
+from helpers.service import postgres_server
 from tooncrafter.service.jobs import CancelOutcome, JobOutcome, JobStore, metadata
 
 BODY = {"keyframe_image_urls": ["data:,a", "data:,b"]}

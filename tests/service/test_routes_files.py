@@ -1,4 +1,7 @@
-"""The file routes through a real uvicorn on loopback: uploads (fal's flow), downloads with ranges."""
+"""The file routes through a real uvicorn on loopback: uploads (fal's flow), downloads with ranges.
+
+The router alone, its dependencies (storage, token signer, settings) given through
+`app.dependency_overrides`, as FastAPI documents for tests."""
 
 from __future__ import annotations
 
@@ -9,16 +12,17 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException
 
-from tooncrafter.service.routes_files import PendingUploads, RangeNotSatisfiable, files_router, parse_byte_range
-from service_helpers import JS_DIR, js_client_dir
-from tooncrafter.service.storage import LocalFileStorage
+from helpers.service import JS_DIR, js_client_dir, make_settings
+from tooncrafter.service.api.deps import get_settings, get_storage, get_upload_tokens
+from tooncrafter.service.api.files import RangeNotSatisfiable, files_router, parse_byte_range
+from tooncrafter.service.storage.local import LocalFileStorage
+from tooncrafter.service.storage.upload_tokens import SignedUploads
 
 MAX_UPLOAD = 64 * 1024
 
@@ -59,8 +63,10 @@ def make_app(
     tmp_path: Path, *, auth: bool = False, public_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD
 ) -> FastAPI:
     app = FastAPI()
-    app.state.storage = LocalFileStorage(tmp_path / "files")
-    app.state.settings = SimpleNamespace(public_url=public_url, max_upload_bytes=max_upload_bytes)
+    storage = LocalFileStorage(tmp_path / "files")
+    tokens = SignedUploads(b"test secret")
+    settings = make_settings(tmp_path, public_url=public_url, max_upload_bytes=max_upload_bytes)
+    app.dependency_overrides.update({get_storage: lambda: storage, get_upload_tokens: lambda: tokens, get_settings: lambda: settings})
     app.include_router(files_router(auth_dependency=require_key if auth else None))
     return app
 
@@ -78,7 +84,7 @@ def client() -> Iterator[httpx.Client]:
 
 
 def stored_file(server: LiveServer, data: bytes, content_type: str = "video/mp4", name: str = "clip.mp4") -> str:
-    storage = server.server.config.app.state.storage
+    storage = server.server.config.app.dependency_overrides[get_storage]()
     return f"{server.url}/files/{storage.put(data, content_type=content_type, file_name=name).key}"
 
 
@@ -232,16 +238,10 @@ def test_upload_initiate_put_get_round_trip(server: LiveServer, client: httpx.Cl
     assert client.get(file_url).content == payload
 
 
-def test_initiate_without_body_and_full_table(tmp_path: Path, client: httpx.Client) -> None:
-    app = FastAPI()
-    app.state.storage = LocalFileStorage(tmp_path / "files")
-    app.state.settings = SimpleNamespace(public_url=None)
-    app.include_router(files_router(uploads=PendingUploads(max_pending=1)))
-    with LiveServer(app) as live:
-        body = client.post(f"{live.url}/storage/upload/initiate").json()
-        assert body["file_url"].endswith("/upload.bin")
-        assert client.post(f"{live.url}/storage/upload/initiate").status_code == 503
-        assert client.put(body["upload_url"], content=b"x" * 1000).status_code == 200
+def test_initiate_without_body(server: LiveServer, client: httpx.Client) -> None:
+    body = client.post(f"{server.url}/storage/upload/initiate").json()
+    assert body["file_url"].endswith("/upload.bin")
+    assert client.put(body["upload_url"], content=b"x" * 1000).status_code == 200
 
 
 def test_upload_content_type_from_put_when_initiate_has_none(server: LiveServer, client: httpx.Client) -> None:
@@ -318,11 +318,14 @@ def test_multipart_upload(server: LiveServer, client: httpx.Client) -> None:
     assert client.post(f"{upload_url}/complete", json={"parts": parts}).status_code == 404
 
 
-def test_multipart_total_size_limit(server: LiveServer, client: httpx.Client) -> None:
+def test_multipart_size_limits(server: LiveServer, client: httpx.Client) -> None:
+    """A part over the limit is refused at once; parts that only add up to more are refused at `complete`."""
     upload_url = client.post(f"{server.url}/storage/upload/initiate-multipart", json={}).json()["upload_url"]
-    assert client.put(f"{upload_url}/1", content=bytes(MAX_UPLOAD - 10)).status_code == 200
-    assert client.put(f"{upload_url}/2", content=bytes(11)).status_code == 413
-    assert client.put(f"{upload_url}/2", content=bytes(10)).status_code == 200
+    assert client.put(f"{upload_url}/1", content=bytes(MAX_UPLOAD + 1)).status_code == 413
+    parts = [client.put(f"{upload_url}/{n}", content=bytes(size)).json() for n, size in ((1, MAX_UPLOAD - 10), (2, 11))]
+    assert client.post(f"{upload_url}/complete", json={"parts": parts}).status_code == 413
+    parts[1] = client.put(f"{upload_url}/2", content=bytes(10)).json()
+    assert client.post(f"{upload_url}/complete", json={"parts": parts}).status_code == 200
 
 
 def test_single_and_multipart_tokens_do_not_mix(server: LiveServer, client: httpx.Client) -> None:
@@ -334,15 +337,15 @@ def test_single_and_multipart_tokens_do_not_mix(server: LiveServer, client: http
     assert client.put(f"{server.url}/storage/upload/put/{token}", content=b"x").status_code == 404
 
 
-def test_pending_uploads_expire() -> None:
+def test_upload_tokens_expire_and_need_the_secret() -> None:
     now = [0.0]
-    uploads = PendingUploads(ttl_s=10, clock=lambda: now[0])
-    token = uploads.issue("k", "image/png", "a.png")
-    uploads.issue("m", None, "b", multipart=True)
+    tokens = SignedUploads(b"secret", ttl_s=10, clock=lambda: now[0])
+    token = tokens.issue("k", "image/png")
+    assert tokens.get(token, multipart=False).key == "k"
+    assert tokens.get(token, multipart=True) is None
+    assert SignedUploads(b"other", clock=lambda: now[0]).get(token, multipart=False) is None
     now[0] = 11.0
-    assert uploads.take(token, multipart=False) is None
-    uploads.purge_expired()
-    assert len(uploads) == 0
+    assert tokens.get(token, multipart=False) is None
 
 
 def test_preflight_without_cors_middleware(server: LiveServer, client: httpx.Client) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import ENDPOINT, fake_factory, free_port, make_settings, two_keyframes, wait_until
+from helpers.service import ENDPOINT, fake_factory, free_port, make_settings, two_keyframes, wait_until
 
 from tooncrafter.service.app import create_app
 from tooncrafter.service.jobs import JobStore

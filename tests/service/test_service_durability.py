@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from fastapi.testclient import TestClient
 
-from service_helpers import FakeGenerator, fake_factory, free_port, make_settings, two_keyframes, wait_until
+from helpers.service import FakeGenerator, fake_factory, free_port, make_settings, runtime_of, two_keyframes, wait_until
 from tooncrafter.service.app import create_app
 from tooncrafter.service.auth import credential_from_header
 from tooncrafter.service.jobs import JobStore
@@ -79,7 +79,7 @@ def test_expired_lease_is_requeued_and_completed(tmp_path):
     time.sleep(0.1)
     with TestClient(create_app(settings, generator_factory=fake_factory())) as client:
         wait_until(lambda: _status(client, rid).json()["status"] == "COMPLETED")
-        job = client.app.state.job_store.get(rid)
+        job = runtime_of(client).store.get(rid)
         assert job.attempts == 2 and job.result_status_code == 200
         logs = _status(client, rid, None).json()
         messages = [log["message"] for log in client.get(f"{Q}/requests/{rid}/status?logs=1").json()["logs"]]
@@ -104,7 +104,7 @@ def test_heartbeat_keeps_a_slow_job_leased(tmp_path):
     with TestClient(create_app(settings, generator_factory=fake_factory(gen))) as client:
         rid = client.post(Q, json={**BODY, "steps": 6}).json()["request_id"]  # ~0.9 s > lease
         wait_until(lambda: _status(client, rid).json()["status"] == "COMPLETED")
-        assert client.app.state.job_store.get(rid).attempts == 1
+        assert runtime_of(client).store.get(rid).attempts == 1
 
 
 def test_results_and_files_expire(tmp_path):
@@ -126,7 +126,7 @@ def test_webhook_is_retried_with_backoff(tmp_path):
         with TestClient(create_app(settings, generator_factory=fake_factory())) as client:
             rid = client.post(Q, params={"fal_webhook": receiver.url}, json=BODY).json()["request_id"]
             wait_until(lambda: receiver.received)
-            store = client.app.state.job_store
+            store = runtime_of(client).store
             wait_until(lambda: store.webhook_states(rid)[0][0] == "delivered")
             assert store.webhook_states(rid) == [("delivered", 3, None)]
     finally:
@@ -143,7 +143,7 @@ def test_webhook_gives_up_after_max_attempts(tmp_path):
     try:
         with TestClient(create_app(settings, generator_factory=fake_factory())) as client:
             rid = client.post(Q, params={"fal_webhook": receiver.url}, json=BODY).json()["request_id"]
-            store = client.app.state.job_store
+            store = runtime_of(client).store
             wait_until(lambda: store.webhook_states(rid) and store.webhook_states(rid)[0][0] == "failed")
             assert store.webhook_states(rid) == [("failed", 3, "HTTP 500")]
     finally:
@@ -156,7 +156,7 @@ def test_pending_webhook_survives_restart_and_is_sent_once(tmp_path):
     url = f"http://127.0.0.1:{port}/hook"  # nobody listens yet: connection refused
     with TestClient(create_app(settings, generator_factory=fake_factory())) as client:
         rid = client.post(Q, params={"fal_webhook": url}, json=BODY).json()["request_id"]
-        store = client.app.state.job_store
+        store = runtime_of(client).store
         wait_until(lambda: store.webhook_states(rid) and store.webhook_states(rid)[0][1] >= 1)
         assert store.webhook_states(rid)[0][0] == "pending"
     receiver = Receiver(port=port)
@@ -191,7 +191,7 @@ def test_private_webhook_refused_unless_allowed(tmp_path):
         with TestClient(create_app(settings, generator_factory=fake_factory())) as client:
             # keyframes are data URIs, so only the webhook touches the network
             rid = client.post(Q, params={"fal_webhook": receiver.url}, json=BODY).json()["request_id"]
-            store = client.app.state.job_store
+            store = runtime_of(client).store
             wait_until(lambda: store.webhook_states(rid) and store.webhook_states(rid)[0][0] == "failed")
             assert "private" in store.webhook_states(rid)[0][2]
     finally:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from service_helpers import (
+from helpers.service import (
     FakeGenerator,
+    cancel_requested,
     fake_factory,
     make_settings,
     png_bytes,
@@ -102,6 +103,7 @@ def test_cancel_and_early_result(node, tmp_path):
     gen = FakeGenerator(gate=threading.Event())
     app = create_app(make_settings(tmp_path), generator_factory=fake_factory(gen))
     with running_server(app) as server:
+        gen.release = cancel_requested(server.store)
         out = run_js(node, "cancel", server, {"keyframes": two_keyframes()}, tmp_path)
     assert out["queuePosition"] == 0
     assert out["early"]["isApiError"] and out["early"]["status"] == 400

@@ -16,8 +16,9 @@ import pytest
 pytest.importorskip("fal_client")
 pytest.importorskip("trustme")
 
-from service_helpers import (  # noqa: E402
+from helpers.service import (  # noqa: E402
     FakeGenerator,
+    cancel_requested,
     fake_factory,
     make_settings,
     make_tls,
@@ -132,9 +133,10 @@ def test_submit_status_result_and_webhook(tmp_path, tls):
 
 
 def test_cancel_queued_and_running(tmp_path, tls):
-    gen = FakeGenerator(gate=threading.Event())  # never released: only a cancel ends the first job
+    gen = FakeGenerator(gate=threading.Event())  # never set: the first job's held step ends on its cancel
     app = create_app(make_settings(tmp_path), generator_factory=fake_factory(gen))
     with running_server(app, tls=tls) as server:
+        gen.release = cancel_requested(server.store)
         script = PRELUDE + textwrap.dedent(
             """
             running = fal_client.submit(APP, arguments={"keyframe_image_urls": keyframes(), "steps": 3})

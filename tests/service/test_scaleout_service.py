@@ -1,6 +1,6 @@
 """Scale-out: PostgreSQL + S3 as well as SQLite + files, many API processes and worker processes.
 
-Real servers on loopback: a throw-away PostgreSQL cluster (`service_helpers.postgres_server`) and
+Real servers on loopback: a throw-away PostgreSQL cluster (`helpers.service.postgres_server`) and
 moto's S3 server (`ThreadedMotoServer`, the real S3 HTTP API). The multi-process tests start
 `python -m tooncrafter.cli serve --no-worker` and `python -m tooncrafter.cli worker` processes;
 the workers run `slow_generator` below through the test-only `TOONCRAFTER_TEST_GENERATOR` hook.
@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import (
+from helpers.service import (
     FakeGenerator,
     fake_factory,
     free_port,
@@ -40,11 +40,12 @@ from sqlalchemy import create_engine, text
 
 from tooncrafter.service.app import create_app
 from tooncrafter.service.jobs import JobOutcome, JobStore, metadata, migrate_engine
-from tooncrafter.service.s3_storage import S3Storage
-from tooncrafter.service.storage import StorageError, storage_from_url
+from tooncrafter.service.storage import storage_from_url
+from tooncrafter.service.storage.base import StorageError
+from tooncrafter.service.storage.s3 import S3Storage
 
 Q = "/queue/fal-ai/toon-crafter"
-TESTS_DIR = Path(__file__).resolve().parent
+SERVICE_TESTS_DIR = Path(__file__).resolve().parent  # this module and `helpers` must import in the workers
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -215,7 +216,7 @@ def test_key_behaviours_on_both_backends(backend, tmp_path):
     receiver = Receiver()
     gate = threading.Event()
     gen = FakeGenerator()
-    settings = make_settings(tmp_path, cancel_poll_s=0.05, **backend)
+    settings = make_settings(tmp_path, **backend)
     try:
         with TestClient(create_app(settings, generator_factory=fake_factory(gen))) as client:
             initiated = client.post("/storage/upload/initiate", json={"content_type": "image/png", "file_name": "a.png"}).json()
@@ -242,6 +243,7 @@ def test_key_behaviours_on_both_backends(backend, tmp_path):
             running = client.post(Q, json=body).json()["request_id"]
             wait_until(lambda: client.get(f"{Q}/requests/{running}/status").json()["status"] == "IN_PROGRESS")
             assert client.put(f"{Q}/requests/{running}/cancel").status_code == 202
+            gate.set()  # the held step ends; the worker sees the cancel right after it
             wait_until(lambda: client.get(f"{Q}/requests/{running}/status").json()["status"] == "COMPLETED")
             assert client.get(f"{Q}/requests/{running}/status").json()["error_type"] == "request_cancelled"
             time.sleep(0.3)
@@ -263,7 +265,7 @@ class Cluster:
         self.env = {
             **os.environ,
             **S3_ENV,
-            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join([str(SERVICE_TESTS_DIR), str(SERVICE_TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")]),
             "TOONCRAFTER_DATA_DIR": str(tmp_path / "data"),
             "TOONCRAFTER_DATABASE_URL": database_url,
             "TOONCRAFTER_STORAGE_URL": storage_url,

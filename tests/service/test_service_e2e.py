@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("fal_client")
 pytest.importorskip("trustme")
 
-from service_helpers import TINY_CHECKPOINT, make_settings, make_tls, run_python_client, running_server, tiny_pipeline_factory  # noqa: E402
+from helpers.service import TINY_CHECKPOINT, make_settings, make_tls, run_python_client, running_server, tiny_pipeline_factory  # noqa: E402
 from tooncrafter.service.app import create_app  # noqa: E402
 
 # One line to change the generator for every test in this file.

@@ -20,17 +20,11 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tooncrafter.schema import ToonCrafterOutput
+from tooncrafter.service.api.deps import get_settings, get_store
+from tooncrafter.service.api.protocol import queue_base_url, result_response
+from tooncrafter.service.api.sse import sse_response, status_events
+from tooncrafter.service.api.submit import no_webhook, submitted_job
 from tooncrafter.service.jobs import COMPLETED, Job, JobStore
-from tooncrafter.service.routes_queue import (
-    get_app_settings,
-    get_store,
-    no_webhook,
-    queue_base_url,
-    result_response,
-    sse_response,
-    status_events,
-    submitted_job,
-)
 from tooncrafter.settings import Settings
 
 RUN_POLL_S = 0.1
@@ -60,7 +54,7 @@ def run_router() -> APIRouter:
         request: Request,
         job: Job = Depends(submitted_job(no_webhook)),
         store: JobStore = Depends(get_store),
-        settings: Settings = Depends(get_app_settings),
+        settings: Settings = Depends(get_settings),
     ) -> StreamingResponse:
         """Run and stream progress (status events with new log lines), then the output as the last event."""
 
@@ -68,7 +62,7 @@ def run_router() -> APIRouter:
             finished = False
             try:
                 async for event in status_events(
-                    store, job.id, queue_base=queue_base_url(request), with_logs=True, keepalive_s=settings.sse_keepalive_s
+                    store, job.id, queue_base=queue_base_url(request, settings), with_logs=True, keepalive_s=settings.sse_keepalive_s
                 ):
                     yield event
                 final = await run_in_threadpool(store.get, job.id)
