@@ -33,6 +33,7 @@ from helpers.service import (
 )
 
 from tooncrafter.service.app import create_app
+from tooncrafter.service.runtime import served_num_frames
 
 BROWSER_DIR = Path(__file__).parent / "browser"
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
@@ -67,7 +68,7 @@ def test_config_tells_whether_a_key_is_needed(tmp_path):
     with TestClient(create_app(settings, generator_factory=fake_factory())) as client:
         body = client.get("/playground/config").json()  # public: the page asks before it has a key
     assert body["auth_required"] is True and body["endpoint_id"] == "me/toons"
-    assert body["num_frames"] == settings.model_num_frames()
+    assert body["num_frames"] == served_num_frames(str(TINY_CHECKPOINT))
 
 
 def test_openapi_submit_route_carries_the_example(tmp_path):
