@@ -22,6 +22,7 @@ as dependencies (`api.deps`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -138,6 +139,23 @@ def parse_byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 # -- the router ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FileRoutesDeps:
+    """What the upload routes use: the storage, the token signer, and the settings (limits, PUBLIC_URL)."""
+
+    storage: Storage
+    tokens: SignedUploads
+    settings: Settings
+
+
+def file_routes_deps(
+    storage: Storage = Depends(get_storage),
+    tokens: SignedUploads = Depends(get_upload_tokens),
+    settings: Settings = Depends(get_settings),
+) -> FileRoutesDeps:
+    return FileRoutesDeps(storage, tokens, settings)
+
+
 def files_router(auth_dependency: Callable[..., Any] | None = None) -> APIRouter:
     """Routes for uploads (`/storage/upload/...`) and downloads (`/files/{key}`).
 
@@ -148,15 +166,12 @@ def files_router(auth_dependency: Callable[..., Any] | None = None) -> APIRouter
     guarded = [Depends(auth_dependency)] if auth_dependency is not None else []
     router = APIRouter(tags=["files"])
 
-    def initiate(
-        request: Request, body: InitiateUploadRequest | None, storage: Storage, tokens: SignedUploads, settings: Settings,
-        *, multipart: bool,
-    ) -> JSONResponse:
+    def initiate(request: Request, body: InitiateUploadRequest | None, files: FileRoutesDeps, *, multipart: bool) -> JSONResponse:
         body = body or InitiateUploadRequest()
         content_type = normalize_content_type(body.content_type) if body.content_type else None
-        key = storage.new_key(safe_file_name(body.file_name, default="upload.bin"))
-        token = tokens.issue(key, content_type, multipart=multipart)
-        base = server_base_url(request, settings)
+        key = files.storage.new_key(safe_file_name(body.file_name, default="upload.bin"))
+        token = files.tokens.issue(key, content_type, multipart=multipart)
+        base = server_base_url(request, files.settings)
         path = "multipart" if multipart else "put"
         result = InitiateUploadResponse(
             upload_url=f"{base}/storage/upload/{path}/{token}", file_url=public_file_url(base, key)
@@ -168,12 +183,10 @@ def files_router(auth_dependency: Callable[..., Any] | None = None) -> APIRouter
         request: Request,
         body: InitiateUploadRequest | None = None,
         storage_type: str | None = None,
-        storage: Storage = Depends(get_storage),
-        tokens: SignedUploads = Depends(get_upload_tokens),
-        settings: Settings = Depends(get_settings),
+        files: FileRoutesDeps = Depends(file_routes_deps),
     ):
         """Start a single-request upload: PUT the bytes to `upload_url`, then use `file_url`."""
-        return initiate(request, body, storage, tokens, settings, multipart=False)
+        return initiate(request, body, files, multipart=False)
 
     @router.post(
         "/storage/upload/initiate-multipart", response_model=InitiateUploadResponse, dependencies=guarded
@@ -182,49 +195,43 @@ def files_router(auth_dependency: Callable[..., Any] | None = None) -> APIRouter
         request: Request,
         body: InitiateUploadRequest | None = None,
         storage_type: str | None = None,
-        storage: Storage = Depends(get_storage),
-        tokens: SignedUploads = Depends(get_upload_tokens),
-        settings: Settings = Depends(get_settings),
+        files: FileRoutesDeps = Depends(file_routes_deps),
     ):
         """Start a multipart upload: PUT `{upload_url}/{n}` per part, then POST `{upload_url}/complete`."""
-        return initiate(request, body, storage, tokens, settings, multipart=True)
+        return initiate(request, body, files, multipart=True)
 
     @router.put("/storage/upload/put/{token}")
     async def put_upload(
         request: Request,
         token: str,
-        storage: Storage = Depends(get_storage),
-        tokens: SignedUploads = Depends(get_upload_tokens),
-        settings: Settings = Depends(get_settings),
+        files: FileRoutesDeps = Depends(file_routes_deps),
     ):
         """Receive the bytes of a single-request upload; the token works once."""
-        pending = tokens.get(token, multipart=False)
+        pending = files.tokens.get(token, multipart=False)
         if pending is None:
             raise HTTPException(404, _UNKNOWN_TOKEN, headers=CORS_HEADERS)
-        data = await _read_body(request, settings.max_upload_bytes)
+        data = await _read_body(request, files.settings.max_upload_bytes)
         content_type = pending.content_type or normalize_content_type(request.headers.get("content-type"))
-        stored = await _store(storage, data, content_type, pending)
-        return _upload_done(request, settings, stored)
+        stored = await _store(files.storage, data, content_type, pending)
+        return _upload_done(request, files.settings, stored)
 
     @router.put("/storage/upload/multipart/{token}/{part_number}")
     async def put_part(
         request: Request,
         token: str,
         part_number: int,
-        storage: Storage = Depends(get_storage),
-        tokens: SignedUploads = Depends(get_upload_tokens),
-        settings: Settings = Depends(get_settings),
+        files: FileRoutesDeps = Depends(file_routes_deps),
     ):
         """Receive one part; answers `{"partNumber", "etag"}` (and the ETag header)."""
-        pending = tokens.get(token, multipart=True)
+        pending = files.tokens.get(token, multipart=True)
         if pending is None:
             raise HTTPException(404, _UNKNOWN_TOKEN, headers=CORS_HEADERS)
         if not 1 <= part_number <= MAX_PARTS:
             raise HTTPException(400, f"part number must be 1..{MAX_PARTS}", headers=CORS_HEADERS)
         # each part is held to the whole limit; the total is checked again at `complete`
-        data = await _read_body(request, settings.max_upload_bytes)
+        data = await _read_body(request, files.settings.max_upload_bytes)
         try:
-            etag = await run_in_threadpool(tokens.save_part, storage, pending, part_number, data)
+            etag = await run_in_threadpool(files.tokens.save_part, files.storage, pending, part_number, data)
         except FileExistsError:
             raise HTTPException(404, _UNKNOWN_TOKEN, headers=CORS_HEADERS) from None
         return JSONResponse(
@@ -236,28 +243,26 @@ def files_router(auth_dependency: Callable[..., Any] | None = None) -> APIRouter
         request: Request,
         token: str,
         body: CompleteMultipartRequest,
-        storage: Storage = Depends(get_storage),
-        tokens: SignedUploads = Depends(get_upload_tokens),
-        settings: Settings = Depends(get_settings),
+        files: FileRoutesDeps = Depends(file_routes_deps),
     ):
         """Join the listed parts in part order into the file promised by `file_url`."""
-        pending = tokens.get(token, multipart=True)
-        if pending is None or await run_in_threadpool(storage.exists, pending.key):
+        pending = files.tokens.get(token, multipart=True)
+        if pending is None or await run_in_threadpool(files.storage.exists, pending.key):
             raise HTTPException(404, _UNKNOWN_TOKEN, headers=CORS_HEADERS)
         parts = [(p.part_number, p.etag.strip('"')) for p in sorted(body.parts, key=lambda p: p.part_number)]
         if len({number for number, _ in parts}) != len(parts):
             raise HTTPException(400, "a part is listed twice")
         try:
-            data = await run_in_threadpool(tokens.join_parts, storage, pending, parts)
+            data = await run_in_threadpool(files.tokens.join_parts, files.storage, pending, parts)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        if len(data) > settings.max_upload_bytes:
-            raise HTTPException(413, f"upload is larger than the limit of {settings.max_upload_bytes} bytes")
+        if len(data) > files.settings.max_upload_bytes:
+            raise HTTPException(413, f"upload is larger than the limit of {files.settings.max_upload_bytes} bytes")
         try:
-            stored = await _store(storage, data, pending.content_type or DEFAULT_CONTENT_TYPE, pending)
+            stored = await _store(files.storage, data, pending.content_type or DEFAULT_CONTENT_TYPE, pending)
         finally:
-            await run_in_threadpool(tokens.delete_parts, storage, pending, [n for n, _ in parts])
-        return _upload_done(request, settings, stored)
+            await run_in_threadpool(files.tokens.delete_parts, files.storage, pending, [n for n, _ in parts])
+        return _upload_done(request, files.settings, stored)
 
     @router.get("/files/{key:path}")
     @router.head("/files/{key:path}", include_in_schema=False)
