@@ -12,9 +12,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tooncrafter.fixtures import DEFAULT_FIXTURES, FixtureSet, compare, fixtures_dir_from_env
-from tooncrafter.model.checkpoint import component_state_dict, has_component, load_into, read_state_dict
-from tooncrafter.model.clip import ImageEncoder, TextEncoder, build_open_clip, open_clip_state_to_components
+from tooncrafter.fixtures import (
+    DEFAULT_FIXTURES,
+    FixtureSet,
+    compare,
+    fixtures_dir_from_env,
+)
+from tooncrafter.model.checkpoint import (
+    component_state_dict,
+    has_component,
+    load_into,
+    read_state_dict,
+)
+from tooncrafter.model.clip import (
+    ImageEncoder,
+    TextEncoder,
+    build_open_clip,
+    open_clip_state_to_components,
+)
 from tooncrafter.model.config import builtin_config
 
 REFERENCE = DEFAULT_FIXTURES.parent

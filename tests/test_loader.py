@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tooncrafter.model.checkpoint import PREFIXES, SCHEDULE_BUFFERS, CheckpointError, read_state_dict
+from tooncrafter.model.checkpoint import (
+    PREFIXES,
+    SCHEDULE_BUFFERS,
+    CheckpointError,
+    read_state_dict,
+)
 from tooncrafter.model.config import builtin_config
 from tooncrafter.model.loader import build_on_meta, load_components
 

@@ -8,7 +8,13 @@ import logging
 
 import pytest
 
-from tooncrafter.logs import JsonFormatter, RedactingFilter, redact, redact_url, request_id_var
+from tooncrafter.logs import (
+    JsonFormatter,
+    RedactingFilter,
+    redact,
+    redact_url,
+    request_id_var,
+)
 
 
 @pytest.mark.parametrize(

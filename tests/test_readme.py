@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from service_helpers import fake_factory, js_client_dir, make_settings, make_tls, running_server
+from helpers.service import (
+    fake_factory,
+    js_client_dir,
+    make_settings,
+    make_tls,
+    running_server,
+)
 
 from tooncrafter.fixtures import DEFAULT_FIXTURES
 from tooncrafter.service.app import create_app

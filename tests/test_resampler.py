@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tooncrafter.fixtures import DEFAULT_FIXTURES, FixtureSet, compare, fixtures_dir_from_env
+from tooncrafter.fixtures import (
+    DEFAULT_FIXTURES,
+    FixtureSet,
+    compare,
+    fixtures_dir_from_env,
+)
 from tooncrafter.model.attention import math_attention, set_attention_function
-from tooncrafter.model.checkpoint import component_state_dict, load_into, read_state_dict
+from tooncrafter.model.checkpoint import (
+    component_state_dict,
+    load_into,
+    read_state_dict,
+)
 from tooncrafter.model.config import builtin_config
 from tooncrafter.model.resampler import Resampler
 

@@ -15,8 +15,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tooncrafter.fixtures import DEFAULT_FIXTURES, FixtureSet, compare, random_state_dict, state_dict_digest
-from tooncrafter.model.checkpoint import CheckpointError, component_state_dict, load_into, read_state_dict
+from tooncrafter.fixtures import (
+    DEFAULT_FIXTURES,
+    FixtureSet,
+    compare,
+    random_state_dict,
+    state_dict_digest,
+)
+from tooncrafter.model.checkpoint import (
+    CheckpointError,
+    component_state_dict,
+    load_into,
+    read_state_dict,
+)
 from tooncrafter.model.config import builtin_config
 from tooncrafter.model.sketch_encoder import (
     SketchEncoder,

@@ -10,9 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from tooncrafter.fixtures import DEFAULT_FIXTURES, FixtureSet, compare, fixtures_dir_from_env
-from tooncrafter.model.attention import math_attention, sdpa_attention, set_attention_function
-from tooncrafter.model.checkpoint import PREFIXES, component_state_dict, load_into, read_state_dict
+from tooncrafter.fixtures import (
+    DEFAULT_FIXTURES,
+    FixtureSet,
+    compare,
+    fixtures_dir_from_env,
+)
+from tooncrafter.model.attention import (
+    math_attention,
+    sdpa_attention,
+    set_attention_function,
+)
+from tooncrafter.model.checkpoint import (
+    PREFIXES,
+    component_state_dict,
+    load_into,
+    read_state_dict,
+)
 from tooncrafter.model.config import builtin_config
 from tooncrafter.model.unet import UNet3D
 

@@ -14,8 +14,17 @@ import pytest
 import torch
 
 from tooncrafter.fixtures import FixtureSet, compare
-from tooncrafter.model.attention import math_attention, sdpa_attention, set_attention_function
-from tooncrafter.model.checkpoint import PREFIXES, component_state_dict, load_into, read_state_dict
+from tooncrafter.model.attention import (
+    math_attention,
+    sdpa_attention,
+    set_attention_function,
+)
+from tooncrafter.model.checkpoint import (
+    PREFIXES,
+    component_state_dict,
+    load_into,
+    read_state_dict,
+)
 from tooncrafter.model.config import builtin_config
 from tooncrafter.model.vae import AutoencoderDualRef
 from tooncrafter.model.vae_blocks import FUSION_HEADS, ReferenceFusionAttention

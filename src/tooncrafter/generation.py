@@ -64,19 +64,10 @@ class GenerationResult:
     seed: int
 
 
-class Generator(Protocol):
-    """What the CLI and the service need from a loaded pipeline."""
-
+class Generator(Protocol):            # what the service's worker needs from a model
     @property
     def num_frames(self) -> int: ...
-
-    def generate(
-        self,
-        request: GenerationRequest,
-        *,
-        on_step: ProgressCallback | None = None,
-        should_cancel: CancelCheck | None = None,
-    ) -> GenerationResult: ...
+    def __call__(self, request: GenerationRequest, *, on_step: ProgressCallback | None = None) -> GenerationResult: ...
 
 
 def random_seed() -> int:

@@ -2,15 +2,12 @@
 
 Every name is read from an environment variable with the prefix `TOONCRAFTER_` (for example
 `TOONCRAFTER_API_KEYS=k1,k2`). The process owner (CLI main, the app factory, a test) builds a
-`Settings` and passes it down; `get_settings()` is the cached FastAPI-style dependency for code
-that has nothing passed to it. There is deliberately no module-level instance.
+`Settings` and passes it down. There is deliberately no module-level instance.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -147,28 +144,3 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
-
-    def model_num_frames(self) -> int:
-        """T of the served model, read from the checkpoint directory's config (no weights loaded)."""
-        return _num_frames_of(self.checkpoint)
-
-
-@lru_cache(maxsize=8)
-def _num_frames_of(checkpoint: str | None) -> int:
-    from tooncrafter.model.config import builtin_config, load_config
-    from tooncrafter.weights import WeightsNotFoundError, resolve_checkpoint
-
-    # A given checkpoint is resolved locally (file or directory); none means the released 512 model.
-    # An API process may not see the workers' checkpoint path: the worker re-checks against its model.
-    try:
-        config_path = resolve_checkpoint(checkpoint).config_path if checkpoint else None
-    except WeightsNotFoundError as exc:
-        logging.getLogger(__name__).warning("checking keyframe_lengths against the 512 model's frames: %s", exc)
-        config_path = None
-    return load_config(config_path).num_frames if config_path is not None else builtin_config().num_frames
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings from the environment (a cached dependency, built on first use)."""
-    return Settings()

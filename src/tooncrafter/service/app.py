@@ -1,9 +1,21 @@
 """The FastAPI app: fal's queue and run protocols, file uploads/downloads, auth, and the lifespan.
 
-`create_app(settings)` builds everything from arguments (no import-time state). The lifespan opens
-the job store (SQLAlchemy URL from settings), the file storage, the webhook sender and, unless
-`with_worker=False`, an in-process worker thread that loads the model once; all of them live on
-`app.state` and routes reach them through small `Depends` functions.
+`create_app(settings)` builds everything from arguments (no import-time state). Its lifespan opens
+the process's `runtime.Runtime` (job store, file storage, upload-token signer, webhook sender and,
+unless `with_worker=False`, an in-process worker thread that loads the model once) and yields it
+as Starlette's lifespan state; routes take what they need through the typed dependencies of
+`api.deps`, and nothing is created while a request is served.
+
+Where things are
+    app.py        this factory: middleware, error handlers, /health, the routers in order
+    runtime.py    the resources built from settings (shared with `tooncrafter worker` and tests)
+    api/          the HTTP surface: `queue`, `run`, `files`, `playground` routers; `protocol` (fal's
+                  bodies and `ProtocolError`), `sse`, `submit` (checks, then queue), `deps`
+    jobs/         the durable job store and its migrations
+    storage/      `base` (the interface, keys), `local`, `s3`, `upload_tokens`; the factory in `__init__`
+    worker.py     runs jobs through the generator;  webhooks.py  delivers fal's webhook envelopes
+    inputs.py     keyframe URL / data URI fetching with limits;  auth.py  API keys
+    server.py     what `tooncrafter serve` and `tooncrafter worker` run
 
 How the two fal hosts are told apart
     fal's clients talk to two hosts with the same path shapes: the queue host (`queue.fal.run`)
@@ -38,7 +50,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -48,15 +60,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tooncrafter.schema import describe_error
-from tooncrafter.service.auth import require_owner
-from tooncrafter.service.jobs import JobStore
-from tooncrafter.service.routes_files import files_router
-from tooncrafter.service.routes_playground import playground_router
-from tooncrafter.service.routes_queue import QUEUE_PREFIX, REQUEST_ID_HEADER, ProtocolError, queue_router
-from tooncrafter.service.routes_run import run_router
-from tooncrafter.service.storage import storage_from_url
-from tooncrafter.service.webhooks import WebhookSender
-from tooncrafter.service.worker import GeneratorFactory, Worker, default_generator_factory
+from tooncrafter.service.api.deps import LifespanState, get_runtime, require_owner
+from tooncrafter.service.api.files import files_router
+from tooncrafter.service.api.playground import playground_router
+from tooncrafter.service.api.protocol import QUEUE_PREFIX, REQUEST_ID_HEADER, ProtocolError
+from tooncrafter.service.api.queue import queue_router
+from tooncrafter.service.api.run import run_router
+from tooncrafter.service.runtime import Runtime, open_runtime
+from tooncrafter.service.worker import GeneratorFactory, default_generator_factory
 from tooncrafter.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -150,28 +161,14 @@ def create_app(
     factory = generator_factory or default_generator_factory
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = JobStore(settings.resolved_database_url)
-        storage = storage_from_url(settings.resolved_storage_url)
-        sender = WebhookSender(store, settings)
-        sender.start()
-        worker: Worker | None = None
-        if with_worker:
-            worker = Worker(store, storage, settings, factory, on_complete=sender.notify)
-            worker.start()
-        app.state.job_store = store
-        app.state.storage = storage
-        app.state.webhook_sender = sender
-        app.state.worker = worker
+    async def lifespan(_app: FastAPI) -> AsyncIterator[LifespanState]:
+        runtime = open_runtime(settings, generator_factory=factory if with_worker else None)
         if not settings.auth_enabled:
             logger.warning("no API keys configured (TOONCRAFTER_API_KEYS): the API is open to anyone who can reach it")
         try:
-            yield
+            yield {"runtime": runtime}
         finally:
-            if worker is not None:
-                worker.stop()
-            sender.stop()
-            store.close()
+            runtime.close()
 
     # /docs and /redoc from the Swagger UI and ReDoc files installed with fastapi-offline: no CDN, so
     # the documentation renders on a machine without internet.
@@ -182,22 +179,13 @@ def create_app(
         lifespan=lifespan,
         redirect_slashes=False,
     )
-    app.state.settings = settings
     _install_error_handlers(app)
 
     @app.get("/health", tags=["service"], include_in_schema=False)
-    def health(request: Request) -> JSONResponse:
+    def health(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
         """Ready to run work: 200 while at least one worker (any process) checked in recently, else 503."""
-        store: JobStore = request.app.state.job_store
-        live = store.live_workers(settings.worker_alive_s)
-        body: dict[str, Any] = {"status": "ok" if live else "no_worker", "workers": live, "worker": None}
-        worker: Worker | None = request.app.state.worker
-        if worker is not None:
-            body["worker"] = {
-                "ready": worker.ready.is_set() and worker.load_error is None,
-                "alive": worker.alive,
-                "error": str(worker.load_error) if worker.load_error else None,
-            }
+        live = runtime.store.live_workers(settings.worker_alive_s)
+        body: dict[str, Any] = {"status": "ok" if live else "no_worker", "workers": live, "worker": runtime.worker_health()}
         if not live:
             body["message"] = (
                 f"no worker has checked in during the last {settings.worker_alive_s:g} s: queued requests wait "
@@ -206,10 +194,9 @@ def create_app(
         return JSONResponse(body, status_code=200 if live else 503)
 
     @app.get("/health/live", tags=["service"], include_in_schema=False)
-    def health_live(request: Request) -> JSONResponse:
+    def health_live(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
         """The API process answers and reaches its job store (a liveness probe: no worker needed)."""
-        store: JobStore = request.app.state.job_store
-        return JSONResponse({"status": "ok", "workers": store.live_workers(settings.worker_alive_s)})
+        return JSONResponse({"status": "ok", "workers": runtime.store.live_workers(settings.worker_alive_s)})
 
     # order matters: the queue and file routes before the run route's catch-all `/{owner}/{alias}/...`
     app.include_router(playground_router())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException
 
 from tooncrafter.settings import Settings
 
@@ -54,8 +54,3 @@ def authenticate(settings: Settings, authorization: str | None) -> str:
     if not matched:
         raise HTTPException(status_code=401, detail="Invalid API key", headers={"WWW-Authenticate": "Key"})
     return owner_of(credential)
-
-
-def require_owner(request: Request) -> str:
-    """FastAPI dependency: the authenticated caller's owner id."""
-    return authenticate(request.app.state.settings, request.headers.get("authorization"))

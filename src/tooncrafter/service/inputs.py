@@ -31,7 +31,7 @@ import httpx
 
 from tooncrafter.media import MediaError
 from tooncrafter.media.images import parse_data_uri
-from tooncrafter.service.storage import Storage, is_valid_key
+from tooncrafter.service.storage.base import Storage, is_valid_key
 
 logger = logging.getLogger(__name__)
 

@@ -103,18 +103,14 @@ def run_worker(settings: Settings, generator_factory: GeneratorFactory | None = 
     step and puts the running job back in the queue; a SIGKILL loses nothing either: the job's
     lease runs out and another worker takes it.
     """
-    from tooncrafter.service.jobs import JobStore
-    from tooncrafter.service.storage import storage_from_url
-    from tooncrafter.service.webhooks import WebhookSender
-    from tooncrafter.service.worker import Worker, default_generator_factory
+    from tooncrafter.service.runtime import open_runtime
+    from tooncrafter.service.worker import default_generator_factory
 
     factory = generator_factory or test_generator_factory_from_env() or default_generator_factory
     generator = factory(settings)  # fails before anything starts: a worker without its model exits non-zero
-    store = JobStore(settings.resolved_database_url)
-    storage = storage_from_url(settings.resolved_storage_url)
-    sender = WebhookSender(store, settings)
-    sender.start()
-    worker = Worker(store, storage, settings, lambda _settings: generator, on_complete=sender.notify)
+    runtime = open_runtime(settings, generator_factory=lambda _settings: generator, start_worker=False)
+    worker = runtime.worker
+    assert worker is not None
 
     def _stop(signum: int, _frame: object) -> None:
         logger.info("signal %d: stopping after the current step", signum)
@@ -125,5 +121,4 @@ def run_worker(settings: Settings, generator_factory: GeneratorFactory | None = 
     try:
         worker.run_forever()
     finally:
-        sender.stop()
-        store.close()
+        runtime.close()

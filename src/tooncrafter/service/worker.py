@@ -2,10 +2,10 @@
 
 One worker per GPU. It loads the generator once (the process owner passes a factory), then loops:
 requeue jobs whose worker died, claim the oldest queued job, fetch and decode its keyframes, run
-the generator with a log line per denoising step (`step 12/50`) and a cancel check between
-steps, encode the mp4, store it, and write the result (fal's output, or the error to replay).
-It runs in its own thread (`start()`) or in the foreground (`run_forever()`), never on the event
-loop. While a job runs, a heartbeat thread renews its lease, so a long model step does not look
+the generator (`generator(request, on_step=...)`, see `generation.Generator`) with a callback
+after every denoising step that logs it (`step 12/50`) and stops the job once it was cancelled,
+encode the mp4, store it, and write the result (fal's output, or the error to replay). It runs
+in its own thread (`start()`) or in the foreground (`run_forever()`), never on the event loop. While a job runs, a heartbeat thread renews its lease, so a long model step does not look
 like a dead worker.
 
 Many workers (one per GPU, on any number of machines) can share one job store. Each claim carries
@@ -49,9 +49,11 @@ from tooncrafter.schema import (
     check_fits_model,
     describe_error,
 )
+from tooncrafter.media.images import decode_image
 from tooncrafter.service.background import BackgroundLoop
-from tooncrafter.service.jobs import CANCELLED_OUTCOME, Job, JobOutcome, JobStore
-from tooncrafter.service.storage import Storage, public_file_url
+from tooncrafter.service.inputs import FetchLimits, InputError, fetch_input
+from tooncrafter.service.jobs import CANCELLED_OUTCOME, Job, JobOutcome, JobStore, field_error_body
+from tooncrafter.service.storage.base import Storage, public_file_url
 from tooncrafter.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -82,13 +84,6 @@ class JobFailed(Exception):
     def __init__(self, status_code: int, body: dict[str, Any], error: str, error_type: str | None = None) -> None:
         super().__init__(error)
         self.outcome = JobOutcome(status_code=status_code, body=body, error=error, error_type=error_type)
-
-
-def field_error_body(loc: list[Any], message: str, error_type: str = "value_error") -> dict[str, Any]:
-    """A 422 body naming one body field, in FastAPI's `detail` shape (as fal's FieldException);
-    submit-time checks answer the same shape."""
-    where = ".".join(str(part) for part in loc)
-    return {"detail": [{"loc": ["body", *loc], "msg": message, "type": error_type}], "message": f"{where}: {message}"}
 
 
 def field_error(loc: list[Any], message: str, error_type: str = "value_error") -> JobFailed:
@@ -309,7 +304,8 @@ class Worker(BackgroundLoop):
             self.storage.delete(key)
 
     def _cancelled(self, job_id: str) -> bool:
-        """Between steps: stop for shutdown or a lost lease; True once a cancel was requested (any process)."""
+        """Between steps: stop for shutdown or a lost lease; True once a cancel was requested (any process),
+        read from the store at most every `cancel_poll_s`."""
         if self._stop.is_set():
             raise _ShuttingDown()
         if self._heartbeat is not None and self._heartbeat.lost:
@@ -340,15 +336,14 @@ class Worker(BackgroundLoop):
         self.store.add_log(job.id, f"Generating with seed {seed}")
 
         def on_step(step: int, total: int) -> None:
+            """After every denoising step: the log line, then stop if asked to (cancel, shutdown, lost lease)."""
             self.store.add_log(job.id, f"step {step}/{total}")
+            if self._cancelled(job.id):
+                raise GenerationCancelled()
 
-        result = self._generator.generate(
-            GenerationRequest.from_input(params, keyframes, seed),
-            on_step=on_step,
-            should_cancel=lambda: self._cancelled(job.id),
-        )
+        result = self._generator(GenerationRequest.from_input(params, keyframes, seed), on_step=on_step)
 
-        from tooncrafter.media.video import encode_video
+        from tooncrafter.media.video import encode_video  # PyAV: loaded by processes that make videos only
 
         self.store.add_log(job.id, f"Encoding {len(result.frames)} frames at {params.fps} fps")
         video = encode_video(result.frames, params.fps, format="mp4")
@@ -370,9 +365,6 @@ class Worker(BackgroundLoop):
 
     def _load_keyframes(self, job: Job, urls: list[str]) -> list:
         """Fetch every keyframe concurrently and decode it; a bad one is a 422 naming its index."""
-        from tooncrafter.media.images import decode_image
-        from tooncrafter.service.inputs import FetchLimits, InputError, fetch_input
-
         limits = FetchLimits(
             max_bytes=self.settings.input_max_bytes,
             timeout_s=self.settings.input_timeout_s,

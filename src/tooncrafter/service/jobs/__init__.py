@@ -9,6 +9,7 @@ from tooncrafter.service.jobs.records import (
     JobOutcome,
     LogEntry,
     PendingWebhook,
+    field_error_body,
     webhook_envelope,
 )
 from tooncrafter.service.jobs.store import JobStore, upgrade_database
@@ -26,6 +27,7 @@ __all__ = [
     "JobStore",
     "LogEntry",
     "PendingWebhook",
+    "field_error_body",
     "metadata",
     "migrate_engine",
     "upgrade_database",

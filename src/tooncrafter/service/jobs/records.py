@@ -83,6 +83,13 @@ class CancelOutcome(enum.Enum):
     ALREADY_COMPLETED = "ALREADY_COMPLETED"
 
 
+def field_error_body(loc: list[Any], message: str, error_type: str = "value_error") -> dict[str, Any]:
+    """A 422 body naming one body field, in FastAPI's `detail` shape (as fal's FieldException): what
+    a submit-time check answers and what a job that fails on its input replays."""
+    where = ".".join(str(part) for part in loc)
+    return {"detail": [{"loc": ["body", *loc], "msg": message, "type": error_type}], "message": f"{where}: {message}"}
+
+
 CANCELLED_OUTCOME = JobOutcome(
     status_code=400,
     body={"detail": "Request was cancelled", "error_type": "request_cancelled"},

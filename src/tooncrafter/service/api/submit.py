@@ -1,0 +1,107 @@
+"""Taking a request in, for the queue's submit and the synchronous run: check it, then queue it.
+
+Everything that can be checked before any work is queued is checked here (the endpoint, the
+served model's frame count, URL schemes, data URIs within the size limit, the webhook URL), so bad
+input is a 422 naming the field at submit and never a failed job later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from fastapi import Depends, Query, Request
+
+from tooncrafter.schema import ContractError, ToonCrafterInput, check_fits_model
+from tooncrafter.service.api.deps import get_runtime, require_owner
+from tooncrafter.service.api.protocol import ProtocolError, check_endpoint, field_error_response, server_base_url
+from tooncrafter.service.inputs import InputError, decode_data_uri
+from tooncrafter.service.jobs import Job
+from tooncrafter.service.runtime import Runtime
+from tooncrafter.service.webhooks import WebhookURLError, check_webhook_url
+from tooncrafter.settings import Settings
+
+
+def check_input_urls(params: ToonCrafterInput, settings: Settings, num_frames: int) -> None:
+    """Submit-time checks the schema cannot do: the served model's frame count (keyframes it can place,
+    `keyframe_lengths`), URL schemes, data URIs that decode within the size limit."""
+    try:
+        check_fits_model(len(params.keyframe_image_urls), params.keyframe_lengths, num_frames)
+    except ContractError as exc:
+        raise field_error_response([exc.field], str(exc)) from exc
+
+    for index, url in enumerate(params.keyframe_image_urls):
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "data":
+            try:
+                decode_data_uri(url, max_bytes=settings.input_max_bytes)
+            except (InputError, ValueError) as exc:
+                raise field_error_response(["keyframe_image_urls", index], f"keyframe {index}: {exc}") from exc
+        elif scheme not in ("http", "https"):
+            raise field_error_response(
+                ["keyframe_image_urls", index], f"keyframe {index} must be an http(s) URL or a data: URI"
+            )
+
+
+def start_deadline(request: Request) -> float | None:
+    """X-Fal-Request-Timeout (seconds to start, queue wait included) as an epoch deadline."""
+    value = request.headers.get("x-fal-request-timeout")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ProtocolError(400, {"detail": "X-Fal-Request-Timeout must be a number of seconds"}) from None
+    return time.time() + seconds if seconds > 0 else None
+
+
+def enqueue(
+    request: Request, runtime: Runtime, *, owner: str, endpoint: str, params: ToonCrafterInput, webhook_url: str | None
+) -> Job:
+    """Checks, then one INSERT; wakes the in-process worker."""
+    settings = runtime.settings
+    check_input_urls(params, settings, runtime.num_frames)
+    if webhook_url is not None:
+        try:
+            check_webhook_url(webhook_url)
+        except WebhookURLError as exc:
+            raise ProtocolError(422, {"detail": [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "value_error"}], "message": str(exc)}) from exc
+    job = runtime.store.submit(
+        endpoint=endpoint,
+        owner=owner,
+        input=params.model_dump(mode="json", exclude_unset=True),
+        base_url=server_base_url(request, settings),
+        webhook_url=webhook_url,
+        start_deadline=start_deadline(request),
+    )
+    runtime.job_queued()
+    return job
+
+
+def fal_webhook_query(
+    fal_webhook: str | None = Query(None, description="URL that receives fal's webhook envelope when the request completes."),
+) -> str | None:
+    return fal_webhook
+
+
+def no_webhook() -> None:
+    """The run routes take no webhook (fal's `fal_webhook` is a queue parameter)."""
+
+
+def submitted_job(webhook: Callable[..., str | None]) -> Callable[..., Job]:
+    """Dependency of the submit and run routes: the endpoint and the input checked, then the job queued.
+    `webhook` is the dependency giving its webhook URL (`fal_webhook_query` or `no_webhook`)."""
+
+    def dependency(
+        request: Request,
+        owner: str,
+        alias: str,
+        params: ToonCrafterInput,
+        webhook_url: str | None = Depends(webhook),
+        caller: str = Depends(require_owner),
+        runtime: Runtime = Depends(get_runtime),
+    ) -> Job:
+        endpoint = check_endpoint(runtime.settings, owner, alias, request.path_params.get("subpath", ""))
+        return enqueue(request, runtime, owner=caller, endpoint=endpoint, params=params, webhook_url=webhook_url)
+
+    return dependency

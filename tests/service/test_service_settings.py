@@ -1,0 +1,51 @@
+"""Settings from the environment, and `serve`'s loopback rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from tooncrafter.service import server
+from tooncrafter.settings import Settings
+
+
+def test_env_names_and_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("TOONCRAFTER_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TOONCRAFTER_API_KEYS", "k1, id:secret ,")
+    monkeypatch.setenv("TOONCRAFTER_ALLOW_PRIVATE_URLS", "true")
+    monkeypatch.setenv("TOONCRAFTER_PUBLIC_URL", "https://api.example.test/")
+    monkeypatch.setenv("TOONCRAFTER_CHECKPOINT", "/models/tc")
+    monkeypatch.setenv("TOONCRAFTER_DEVICE", "cuda:1")
+    monkeypatch.setenv("TOONCRAFTER_DTYPE", "bfloat16")
+    settings = Settings()
+    assert settings.api_keys == ["k1", "id:secret"] and settings.auth_enabled
+    assert settings.allow_private_urls and settings.public_url == "https://api.example.test"
+    assert (settings.checkpoint, settings.device, settings.dtype) == ("/models/tc", "cuda:1", "bfloat16")
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    assert settings.resolved_storage_url == f"file://{tmp_path.resolve() / 'files'}"
+    monkeypatch.setenv("TOONCRAFTER_DATABASE_URL", "postgresql+psycopg://u@db/tc")
+    monkeypatch.setenv("TOONCRAFTER_STORAGE_URL", "s3://bucket/prefix")
+    settings = Settings()
+    assert settings.resolved_database_url == "postgresql+psycopg://u@db/tc"
+    assert settings.resolved_storage_url == "s3://bucket/prefix"
+
+
+def test_empty_keys_mean_open_and_bad_values_fail(monkeypatch, tmp_path):
+    monkeypatch.setenv("TOONCRAFTER_API_KEYS", "")
+    assert not Settings(data_dir=tmp_path).auth_enabled
+    with pytest.raises(ValueError):
+        Settings(data_dir=tmp_path, endpoint_id="just-one-part")
+    with pytest.raises(ValueError):
+        Settings(data_dir=tmp_path, dtype="float8")
+
+
+@pytest.mark.parametrize(
+    "keys,host,allow_open,expected",
+    [([], "0.0.0.0", False, "127.0.0.1"), ([], "0.0.0.0", True, "0.0.0.0"), (["k"], "0.0.0.0", False, "0.0.0.0"), ([], "::1", False, "::1")],
+)
+def test_serve_binds_loopback_without_keys(monkeypatch, tmp_path, keys, host, allow_open, expected):
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
+    server.serve(Settings(data_dir=tmp_path, api_keys=keys), host=host, port=1234, with_worker=False, allow_open=allow_open)
+    assert seen["host"] == expected and seen["port"] == 1234
