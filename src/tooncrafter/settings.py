@@ -63,6 +63,22 @@ class Settings(BaseSettings):
     endpoint_id: str = Field("fal-ai/toon-crafter", description="The `owner/alias` this server answers to.")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"], description="Allowed CORS origins.")
     sse_keepalive_s: float = Field(15.0, gt=0, description="Seconds between `: ping` comments on status streams.")
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as plain text or one JSON object per line.")
+
+    # --- connection and request limits of the embedded server (`tooncrafter serve`) -------------
+    max_connections: int = Field(
+        4096, ge=1, description="Open connections at most; past it a new connection gets a 503 and is closed."
+    )
+    request_header_timeout_s: float = Field(
+        10.0, gt=0, description="A request's headers must arrive within this time, or the connection is closed."
+    )
+    request_body_timeout_s: float = Field(
+        300.0, gt=0, description="A request's body must arrive within this time once its headers are in."
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="An idle kept-alive connection is closed after this time.")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest request body (JSON) outside the upload routes; larger is a 413."
+    )
 
     # --- inputs (keyframe URLs) ----------------------------------------------------------------
     allow_private_urls: bool = Field(False, description="Allow input/webhook URLs on private, loopback or link-local addresses.")

@@ -26,11 +26,11 @@ import trustme
 from tooncrafter.service.inputs import (
     FetchLimits,
     InputError,
-    address_refusal_reason,
     decode_data_uri,
     fetch_input,
     sniff_image_type,
 )
+from tooncrafter.service.outbound import address_refusal_reason
 from tooncrafter.service.storage.local import LocalFileStorage
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64

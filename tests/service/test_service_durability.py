@@ -201,7 +201,7 @@ def test_private_webhook_refused_unless_allowed(tmp_path):
             rid = client.post(Q, params={"fal_webhook": receiver.url}, json=BODY).json()["request_id"]
             store = runtime_of(client).store
             wait_until(lambda: store.webhook_states(rid) and store.webhook_states(rid)[0][0] == "failed")
-            assert "private" in store.webhook_states(rid)[0][2]
+            assert "only public addresses are allowed" in store.webhook_states(rid)[0][2]
     finally:
         receiver.close()
     assert receiver.received == []

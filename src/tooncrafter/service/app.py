@@ -62,11 +62,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tooncrafter.schema import describe_error
 from tooncrafter.service.api.deps import LifespanState, get_runtime, require_owner
 from tooncrafter.service.api.files import files_router
+from tooncrafter.service.api.limits import RequestLimits
 from tooncrafter.service.api.playground import playground_router
-from tooncrafter.service.api.protocol import QUEUE_PREFIX, REQUEST_ID_HEADER, ProtocolError
+from tooncrafter.service.api.protocol import (
+    QUEUE_PREFIX,
+    REQUEST_ID_HEADER,
+    ProtocolError,
+)
 from tooncrafter.service.api.queue import queue_router
 from tooncrafter.service.api.run import run_router
 from tooncrafter.service.runtime import Runtime, open_runtime
+from tooncrafter.service.webhook_signing import jwks
 from tooncrafter.service.worker import GeneratorFactory, default_generator_factory
 from tooncrafter.settings import Settings
 
@@ -198,12 +204,18 @@ def create_app(
         """The API process answers and reaches its job store (a liveness probe: no worker needed)."""
         return JSONResponse({"status": "ok", "workers": runtime.store.live_workers(settings.worker_alive_s)})
 
+    @app.get("/.well-known/jwks.json", tags=["service"], include_in_schema=False)
+    def webhook_keys(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
+        """The public keys that verify our webhook signatures (fal's scheme; see webhook_signing)."""
+        return JSONResponse(jwks(runtime.keyring.published()), headers={"Cache-Control": "public, max-age=300"})
+
     # order matters: the queue and file routes before the run route's catch-all `/{owner}/{alias}/...`
     app.include_router(playground_router())
     app.include_router(queue_router())
     app.include_router(files_router(auth_dependency=require_owner))
     app.include_router(run_router())
 
+    app.add_middleware(RequestLimits, settings=settings)  # auth and body size before any body is read
     app.add_middleware(FalGatewayMiddleware)
     app.add_middleware(
         CORSMiddleware,

@@ -31,6 +31,7 @@ import httpx
 
 from tooncrafter.media import MediaError
 from tooncrafter.media.images import parse_data_uri
+from tooncrafter.service.outbound import IPAddress, address_refusal_reason
 from tooncrafter.service.storage.base import Storage, is_valid_key
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ MiB = 1024 * 1024
 USER_AGENT = "tooncrafter-input-fetcher/0.1"
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 """`resolve(host, port)` -> every address the host name stands for."""
 AddressPolicy = Callable[[IPAddress, int], bool]
@@ -58,78 +58,6 @@ class FetchLimits:
 
 class InputError(ValueError):
     """An input URL that cannot be used; the message says why, without the field name."""
-
-
-# -- address policy --------------------------------------------------------------------------
-
-_V4_REFUSED: list[tuple[ipaddress.IPv4Network, str]] = [
-    (ipaddress.IPv4Network(net), reason)
-    for net, reason in [
-        ("0.0.0.0/8", "unspecified"),
-        ("10.0.0.0/8", "private"),
-        ("100.64.0.0/10", "shared (CGNAT)"),
-        ("127.0.0.0/8", "loopback"),
-        ("169.254.0.0/16", "link-local (cloud metadata)"),
-        ("172.16.0.0/12", "private"),
-        ("192.0.0.0/24", "reserved"),
-        ("192.0.2.0/24", "reserved (documentation)"),
-        ("192.88.99.0/24", "reserved (6to4 relay)"),
-        ("192.168.0.0/16", "private"),
-        ("198.18.0.0/15", "reserved (benchmarking)"),
-        ("198.51.100.0/24", "reserved (documentation)"),
-        ("203.0.113.0/24", "reserved (documentation)"),
-        ("224.0.0.0/4", "multicast"),
-        ("240.0.0.0/4", "reserved"),  # includes the broadcast address 255.255.255.255
-    ]
-]
-_V6_REFUSED: list[tuple[ipaddress.IPv6Network, str]] = [
-    (ipaddress.IPv6Network(net), reason)
-    for net, reason in [
-        ("::/128", "unspecified"),
-        ("::1/128", "loopback"),
-        ("::/96", "reserved (IPv4-compatible)"),
-        ("64:ff9b:1::/48", "private (local NAT64)"),
-        ("100::/64", "reserved (discard)"),
-        ("2001:db8::/32", "reserved (documentation)"),
-        ("fc00::/7", "private (unique local)"),
-        ("fe80::/10", "link-local"),
-        ("fec0::/10", "site-local"),
-        ("ff00::/8", "multicast"),
-    ]
-]
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-
-
-def address_refusal_reason(address: IPAddress) -> str | None:
-    """Why a fetch must not connect to `address` ("loopback", "private", ...), or None if it is public.
-
-    IPv6 forms that carry an IPv4 address (mapped `::ffff:a.b.c.d`, NAT64, 6to4, Teredo) are judged
-    by the IPv4 address inside.
-    """
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = _embedded_ipv4(address)
-        if embedded is not None:
-            return address_refusal_reason(embedded)
-        table: Sequence[tuple[ipaddress._BaseNetwork, str]] = _V6_REFUSED
-    else:
-        table = _V4_REFUSED
-    for network, reason in table:
-        if address in network:
-            return reason
-    # Whatever the tables miss (new IANA special-purpose blocks) is still not a public address.
-    return None if address.is_global else "non-public"
-
-
-def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    if address in _NAT64:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    if address.sixtofour is not None:
-        return address.sixtofour
-    if address.teredo is not None:
-        return address.teredo[1]  # (server, client): the client is where traffic ends up
-    return None
 
 
 def default_address_policy(limits: FetchLimits) -> AddressPolicy:

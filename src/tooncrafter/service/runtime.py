@@ -17,6 +17,7 @@ from tooncrafter.service.jobs import JobStore
 from tooncrafter.service.storage import storage_from_url
 from tooncrafter.service.storage.base import Storage
 from tooncrafter.service.storage.upload_tokens import SignedUploads
+from tooncrafter.service.webhook_signing import Keyring
 from tooncrafter.service.webhooks import WebhookSender
 from tooncrafter.service.worker import GeneratorFactory, Worker
 from tooncrafter.settings import Settings
@@ -35,6 +36,8 @@ class Runtime:
     storage: Storage
     upload_tokens: SignedUploads
     webhooks: WebhookSender
+    keyring: Keyring
+    """The webhook signing keys (published at /.well-known/jwks.json)."""
     num_frames: int
     """T of the served model (keyframes it can place, `keyframe_lengths` sums), read once at startup."""
     worker: Worker | None = None
@@ -88,7 +91,8 @@ def open_runtime(
     storage = storage_from_url(settings.resolved_storage_url)
     secret = settings.upload_secret.get_secret_value() if settings.upload_secret else store.shared_secret(UPLOAD_SECRET_NAME)
     num_frames = served_num_frames(settings.checkpoint)
-    webhooks = WebhookSender(store, settings)
+    keyring = Keyring(store)
+    webhooks = WebhookSender(store, settings, keyring)
     worker = None
     if generator_factory is not None:
         worker = Worker(store, storage, settings, generator_factory, on_complete=webhooks.notify)
@@ -96,4 +100,4 @@ def open_runtime(
     if worker is not None and start_worker:
         worker.start()
     upload_tokens = SignedUploads(secret.encode("utf-8"))
-    return Runtime(settings, store, storage, upload_tokens, webhooks, num_frames, worker)
+    return Runtime(settings, store, storage, upload_tokens, webhooks, keyring, num_frames, worker)

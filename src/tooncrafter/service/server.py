@@ -45,6 +45,7 @@ def serve(
     import uvicorn
 
     from tooncrafter.service.app import create_app
+    from tooncrafter.service.http_limits import guarded_protocol, raise_open_file_limit
     from tooncrafter.service.worker import default_generator_factory
 
     if not settings.auth_enabled and not _is_loopback(host):
@@ -63,6 +64,8 @@ def serve(
         generator = factory(settings)
         factory = lambda _settings: generator  # noqa: E731 - the worker thread gets the loaded model
     app = create_app(settings, generator_factory=factory, with_worker=with_worker)
+    # Room for every allowed connection plus the database, storage and model files.
+    raise_open_file_limit(settings.max_connections + 512)
     uvicorn.run(
         app,
         host=host,
@@ -70,7 +73,15 @@ def serve(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
         log_level="info",
+        log_config=None,  # the CLI's logging (redacted, text or JSON) handles uvicorn's lines too
         timeout_graceful_shutdown=30,
+        timeout_keep_alive=int(max(1, settings.keep_alive_s)),
+        http=guarded_protocol(
+            max_connections=settings.max_connections,
+            header_timeout_s=settings.request_header_timeout_s,
+            body_timeout_s=settings.request_body_timeout_s,
+        ),
+        backlog=min(settings.max_connections, 4096),
     )
 
 

@@ -12,42 +12,28 @@ with the defaults 15 s, 30 s, ... ~64 min, about 2 h in all.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
 import time
-from urllib.parse import urlsplit
 
 import httpx
 
 from tooncrafter.service.background import BackgroundLoop
 from tooncrafter.service.jobs import JobStore, PendingWebhook
+from tooncrafter.service.outbound import OutboundURLError, check_url_syntax, pinned_post
+from tooncrafter.service.webhook_signing import Keyring, signature_headers
 from tooncrafter.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-class WebhookURLError(ValueError):
-    """The webhook URL is not an http(s) URL we may call."""
+WebhookURLError = OutboundURLError
 
 
 def check_webhook_url(url: str) -> None:
-    """Syntax check at submit time: absolute http(s) URL with a host."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookURLError("fal_webhook must be an absolute http(s) URL")
+    """At submit: an absolute http(s) URL with a valid host and port (`fal_webhook`'s 422 otherwise).
 
-
-def _is_public_host(host: str, port: int) -> bool:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return True  # let the POST fail with a clear error instead
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not address.is_global:
-            return False
-    return True
+    Where it resolves to is checked at each delivery (DNS can change; the checked address is used)."""
+    check_url_syntax(url, "fal_webhook")
 
 
 def retry_delay_s(attempts_done: int, settings: Settings) -> float:
@@ -61,14 +47,16 @@ class WebhookSender(BackgroundLoop):
     thread_name = "tooncrafter-webhooks"
     stop_timeout_s = 10.0
 
-    def __init__(self, store: JobStore, settings: Settings, *, poll_s: float = 1.0) -> None:
+    def __init__(self, store: JobStore, settings: Settings, keyring: Keyring, *, poll_s: float = 1.0) -> None:
         super().__init__()
         self._store = store
         self._settings = settings
+        self._keyring = keyring
         self._poll_s = poll_s
 
     def run_forever(self) -> None:
-        with httpx.Client(timeout=self._settings.webhook_timeout_s, follow_redirects=False) as client:
+        # trust_env=False: no proxy may take the pinned connection elsewhere
+        with httpx.Client(timeout=self._settings.webhook_timeout_s, follow_redirects=False, trust_env=False) as client:
             while not self._stop.is_set():
                 try:
                     for hook in self._store.due_webhooks():
@@ -85,27 +73,19 @@ class WebhookSender(BackgroundLoop):
         if not self._store.claim_webhook(hook, hold_s=self._settings.webhook_timeout_s * 2 + 5):
             return
         attempt = hook.attempts + 1
-        error: str | None = None
+        body = hook.payload_json.encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "tooncrafter-webhooks"}
         try:
-            parts = urlsplit(hook.url)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            if not self._settings.allow_private_urls and not _is_public_host(parts.hostname or "", port):
-                raise WebhookURLError(f"webhook host {parts.hostname} is a private address (ALLOW_PRIVATE_URLS is off)")
-            response = client.post(
-                hook.url,
-                content=hook.payload_json.encode(),
-                headers={"Content-Type": "application/json", "User-Agent": "tooncrafter-webhooks"},
-            )
+            headers.update(signature_headers(self._keyring.signing_key(), hook.job_id, hook.owner, body))
+            response = pinned_post(client, hook.url, body, headers, allow_private=self._settings.allow_private_urls)
             if 200 <= response.status_code < 300:
                 self._store.finish_webhook(hook.seq, delivered=True, error=None, retry_at=None)
                 logger.info("webhook for %s delivered (attempt %d)", hook.job_id, attempt)
                 return
             error = f"HTTP {response.status_code}"
-        except WebhookURLError as exc:
-            self._store.finish_webhook(hook.seq, delivered=False, error=str(exc), retry_at=None)
-            logger.warning("webhook for %s refused: %s", hook.job_id, exc)
-            return
-        except httpx.HTTPError as exc:
+        except OutboundURLError as exc:  # refused or unresolvable: recorded, and retried like any failure
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - every failure is an attempt with its error, never a loop crash
             error = f"{type(exc).__name__}: {exc}"
         if attempt >= self._settings.webhook_max_attempts:
             self._store.finish_webhook(hook.seq, delivered=False, error=error, retry_at=None)

@@ -41,6 +41,7 @@ from tooncrafter.generation import (
     Generator,
     random_seed,
 )
+from tooncrafter.media.images import decode_image
 from tooncrafter.schema import (
     ContractError,
     File,
@@ -49,10 +50,15 @@ from tooncrafter.schema import (
     check_fits_model,
     describe_error,
 )
-from tooncrafter.media.images import decode_image
 from tooncrafter.service.background import BackgroundLoop
 from tooncrafter.service.inputs import FetchLimits, InputError, fetch_input
-from tooncrafter.service.jobs import CANCELLED_OUTCOME, Job, JobOutcome, JobStore, field_error_body
+from tooncrafter.service.jobs import (
+    CANCELLED_OUTCOME,
+    Job,
+    JobOutcome,
+    JobStore,
+    field_error_body,
+)
 from tooncrafter.service.storage.base import Storage, public_file_url
 from tooncrafter.settings import Settings
 
@@ -343,7 +349,9 @@ class Worker(BackgroundLoop):
 
         result = self._generator(GenerationRequest.from_input(params, keyframes, seed), on_step=on_step)
 
-        from tooncrafter.media.video import encode_video  # PyAV: loaded by processes that make videos only
+        from tooncrafter.media.video import (
+            encode_video,  # PyAV: loaded by processes that make videos only
+        )
 
         self.store.add_log(job.id, f"Encoding {len(result.frames)} frames at {params.fps} fps")
         video = encode_video(result.frames, params.fps, format="mp4")

@@ -12,7 +12,13 @@ from typing import Any
 
 from fastapi import Request, Response
 
-from tooncrafter.service.jobs import COMPLETED, IN_QUEUE, Job, JobStore, field_error_body
+from tooncrafter.service.jobs import (
+    COMPLETED,
+    IN_QUEUE,
+    Job,
+    JobStore,
+    field_error_body,
+)
 from tooncrafter.settings import Settings
 
 QUEUE_PREFIX = "/queue"

@@ -15,7 +15,13 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from tooncrafter.service.api.deps import cancellable_job, get_runtime, get_settings, get_store, requested_job
+from tooncrafter.service.api.deps import (
+    cancellable_job,
+    get_runtime,
+    get_settings,
+    get_store,
+    requested_job,
+)
 from tooncrafter.service.api.protocol import (
     QUEUE_PREFIX,
     REQUEST_ID_HEADER,

@@ -14,9 +14,15 @@ from fastapi import Depends, Query, Request
 
 from tooncrafter.schema import ContractError, ToonCrafterInput, check_fits_model
 from tooncrafter.service.api.deps import get_runtime, require_owner
-from tooncrafter.service.api.protocol import ProtocolError, check_endpoint, field_error_response, server_base_url
+from tooncrafter.service.api.protocol import (
+    ProtocolError,
+    check_endpoint,
+    field_error_response,
+    server_base_url,
+)
 from tooncrafter.service.inputs import InputError, decode_data_uri
 from tooncrafter.service.jobs import Job
+from tooncrafter.service.jobs.tables import PRIORITIES
 from tooncrafter.service.runtime import Runtime
 from tooncrafter.service.webhooks import WebhookURLError, check_webhook_url
 from tooncrafter.settings import Settings
@@ -55,6 +61,22 @@ def start_deadline(request: Request) -> float | None:
     return time.time() + seconds if seconds > 0 else None
 
 
+PRIORITY_HEADER = "x-fal-queue-priority"
+
+
+def queue_priority(request: Request) -> int:
+    """`X-Fal-Queue-Priority: normal|low` (absent = normal); anything else is a 422 naming the header."""
+    value = request.headers.get(PRIORITY_HEADER, "normal").strip().lower()
+    if value not in PRIORITIES:
+        message = f"must be one of {', '.join(PRIORITIES)}, got {value[:40]!r}"
+        raise ProtocolError(
+            422,
+            {"detail": [{"loc": ["header", PRIORITY_HEADER], "msg": message, "type": "value_error"}],
+             "message": f"{PRIORITY_HEADER}: {message}"},
+        )
+    return PRIORITIES[value]
+
+
 def enqueue(
     request: Request, runtime: Runtime, *, owner: str, endpoint: str, params: ToonCrafterInput, webhook_url: str | None
 ) -> Job:
@@ -67,6 +89,7 @@ def enqueue(
         except WebhookURLError as exc:
             raise ProtocolError(422, {"detail": [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "value_error"}], "message": str(exc)}) from exc
     job = runtime.store.submit(
+        priority=queue_priority(request),
         endpoint=endpoint,
         owner=owner,
         input=params.model_dump(mode="json", exclude_unset=True),

@@ -74,6 +74,7 @@ class PendingWebhook:
     url: str
     payload_json: str
     attempts: int
+    owner: str = ""  # the job's owner: signed as the webhook's user id
 
 
 class CancelOutcome(enum.Enum):

@@ -443,12 +443,13 @@ class JobStore:
     def due_webhooks(self, limit: int = 16) -> list[PendingWebhook]:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(webhooks_table)
+                select(webhooks_table, jobs_table.c.owner)
+                .select_from(webhooks_table.outerjoin(jobs_table, jobs_table.c.id == webhooks_table.c.job_id))
                 .where(webhooks_table.c.state == "pending", webhooks_table.c.next_attempt_at <= time.time())
                 .order_by(webhooks_table.c.next_attempt_at)
                 .limit(limit)
             ).all()
-        return [PendingWebhook(r.seq, r.job_id, r.url, r.payload_json, r.attempts) for r in rows]
+        return [PendingWebhook(r.seq, r.job_id, r.url, r.payload_json, r.attempts, r.owner or "") for r in rows]
 
     def claim_webhook(self, hook: PendingWebhook, hold_s: float) -> bool:
         """Reserve one delivery attempt (other senders skip it for `hold_s`); False if someone else has it."""
