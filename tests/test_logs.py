@@ -35,6 +35,8 @@ def test_redact_masks_keys_and_urls_inside_text() -> None:
     for secret in ("u:p", "sig=1", "abc123", "zzz"):
         assert secret not in cleaned
     assert "https://***@h/x?***" in cleaned
+    access = redact('127.0.0.1:5 - "GET /files/abc?token=s1gn3d HTTP/1.1" 200')
+    assert "s1gn3d" not in access and '"GET /files/abc?*** HTTP/1.1" 200' in access
 
 
 def _capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:

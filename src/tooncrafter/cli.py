@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -270,7 +271,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tooncrafter.logs import configure_logging
+
+    log_format = os.environ.get("TOONCRAFTER_LOG_FORMAT", "text").strip().lower()
+    if log_format not in ("text", "json"):
+        print(f"error: TOONCRAFTER_LOG_FORMAT must be text or json, got {log_format!r}", file=sys.stderr)
+        return 2
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO, log_format)  # type: ignore[arg-type]
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

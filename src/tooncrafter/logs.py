@@ -24,6 +24,7 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("too
 """The fal request id being worked on in this thread or task (None outside a request)."""
 
 _URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/\s@?#]*@)?(?P<rest>[^\s?#\"'<>]*)(?P<tail>[?#][^\s\"'<>]*)?")
+_PATH_QUERY = re.compile(r"(?P<path>(?:^|(?<=[\s\"']))/[^\s?#\"']*)[?#][^\s\"']*")  # request targets, as in access logs
 _SECRET_VALUE = re.compile(r"(?i)\b(authorization|x-fal-key|api[_-]?key|token|password|secret)([\"']?\s*[:=]\s*[\"']?)(key\s+|bearer\s+)?[^\s\"',;]+")
 
 
@@ -39,8 +40,10 @@ def _redact_match(match: re.Match[str]) -> str:
 
 
 def redact(text: str) -> str:
-    """Every URL in `text` redacted (`redact_url`) and secret-looking `name: value` pairs masked."""
-    return _SECRET_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2)}***", _URL.sub(_redact_match, text))
+    """Every URL and request path in `text` without its query string (`redact_url`), secret-looking
+    `name: value` pairs masked."""
+    text = _PATH_QUERY.sub(lambda m: f"{m.group('path')}?***", _URL.sub(_redact_match, text))
+    return _SECRET_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
 
 
 class RedactingFilter(logging.Filter):

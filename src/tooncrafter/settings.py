@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         0.5, ge=0, description="A running job reads its cancel flag from the database at most this often (checked between steps)."
     )
     purge_interval_s: float = Field(60.0, gt=0, description="How often expired results are deleted.")
+    worker_grace_s: float = Field(
+        300.0,
+        ge=0,
+        description="On SIGTERM a worker takes no new job and gives the running one this long to finish; "
+        "past it the job goes back to the queue after its current step.",
+    )
     worker_alive_s: float = Field(
         30.0,
         gt=0,

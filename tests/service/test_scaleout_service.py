@@ -452,3 +452,27 @@ def test_workers_survive_a_sigkill_and_processes_share_everything(tmp_path, pg_u
         finally:
             store.close()
             receiver.close()
+
+
+def test_sigterm_lets_the_running_job_finish_once_then_the_worker_exits(tmp_path, pg_url, s3_endpoint):
+    """SIGTERM mid-job: the worker takes no new job, finishes the running one within its grace
+    period (completed once, by it, on its first attempt) and exits 0; the queued job waits."""
+    with cluster(tmp_path, pg_url, s3_endpoint) as running, httpx.Client(timeout=30) as client:
+        running.env["TOONCRAFTER_WORKER_GRACE_S"] = "60"
+        (api,) = running.start_apis(1)
+        (worker,) = running.start_workers(1)
+        store = JobStore(running.database_url)
+        try:
+            body = {"keyframe_image_urls": [png_data_uri(), png_data_uri((9, 9, 9))], "steps": 20}
+            first = client.post(f"{api}{Q}", json=body).json()["request_id"]
+            second = client.post(f"{api}{Q}", json=body).json()["request_id"]
+            wait_until(lambda: any(e.message.startswith("step 3/") for e in store.logs(first)), timeout_s=60, interval_s=0.05)
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(60) == 0
+            done, waiting = store.get(first), store.get(second)
+            assert done.status == "COMPLETED" and done.result_status_code == 200 and done.attempts == 1
+            assert sum(e.message == "step 20/20" for e in store.logs(first)) == 1  # run once, to its end
+            assert waiting.status == "IN_QUEUE" and waiting.attempts == 0
+            assert store.live_workers(60) == 0  # it checked out on its way
+        finally:
+            store.close()

@@ -110,8 +110,9 @@ def run_worker(settings: Settings, generator_factory: GeneratorFactory | None = 
     """A worker alone (scale-out): takes jobs from the shared job store until SIGINT/SIGTERM.
 
     It also delivers due webhooks (claimed per attempt in the database, so any number of API and
-    worker processes can run senders without sending one twice). SIGTERM stops after the current
-    step and puts the running job back in the queue; a SIGKILL loses nothing either: the job's
+    worker processes can run senders without sending one twice). SIGTERM (or SIGINT) takes no new
+    job and lets the running one finish within `worker_grace_s`; past that, or at a second signal,
+    it goes back to the queue after its current step. A SIGKILL loses nothing either: the job's
     lease runs out and another worker takes it.
     """
     from tooncrafter.service.runtime import open_runtime
@@ -124,8 +125,12 @@ def run_worker(settings: Settings, generator_factory: GeneratorFactory | None = 
     assert worker is not None
 
     def _stop(signum: int, _frame: object) -> None:
-        logger.info("signal %d: stopping after the current step", signum)
-        threading.Thread(target=worker.stop, daemon=True).start()
+        if worker.draining:  # a second signal: hand the running job back after its current step
+            logger.info("signal %d again: stopping after the current step", signum)
+            threading.Thread(target=worker.stop, daemon=True).start()
+            return
+        logger.info("signal %d: taking no new job; the running one has %g s to finish", signum, settings.worker_grace_s)
+        worker.drain(settings.worker_grace_s)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

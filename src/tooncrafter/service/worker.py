@@ -41,6 +41,7 @@ from tooncrafter.generation import (
     Generator,
     random_seed,
 )
+from tooncrafter.logs import request_id_var
 from tooncrafter.media.images import decode_image
 from tooncrafter.schema import (
     ContractError,
@@ -196,13 +197,26 @@ class Worker(BackgroundLoop):
         self._cancel_checked_at = 0.0
         self._cancel_seen = False
         self.load_error: BaseException | None = None
+        self._draining = threading.Event()
+        self._hand_back_at: float | None = None
         self.ready = threading.Event()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def drain(self, grace_s: float) -> None:
+        """Take no new job; let the running one finish within `grace_s`, past that hand it back to the
+        queue after its current step (SIGTERM to `tooncrafter worker`: nothing lost, nothing run twice)."""
+        self._hand_back_at = time.monotonic() + grace_s
+        self._draining.set()
+        self._wake.set()
 
     def load(self) -> None:
         """Build the generator (the model) once. Errors reach the caller: a process exits on them."""
@@ -223,7 +237,7 @@ class Worker(BackgroundLoop):
         check_in = _CheckIn(self.store, self.worker_id, self.settings.worker_checkin_s)
         check_in.start()
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self._draining.is_set():
                 try:
                     ran = self.run_once()
                 except Exception:
@@ -263,6 +277,13 @@ class Worker(BackgroundLoop):
                 logger.exception("could not delete expired file %s", key)
 
     def _run_job(self, job: Job) -> None:
+        token = request_id_var.set(job.id)  # every log line of this job carries its request id
+        try:
+            self._run_claimed_job(job)
+        finally:
+            request_id_var.reset(token)
+
+    def _run_claimed_job(self, job: Job) -> None:
         logger.info("job %s: started (attempt %d)", job.id, job.attempts)
         started = time.perf_counter()
         self._cancel_checked_at, self._cancel_seen = 0.0, False
@@ -312,7 +333,7 @@ class Worker(BackgroundLoop):
     def _cancelled(self, job_id: str) -> bool:
         """Between steps: stop for shutdown or a lost lease; True once a cancel was requested (any process),
         read from the store at most every `cancel_poll_s`."""
-        if self._stop.is_set():
+        if self._stop.is_set() or (self._hand_back_at is not None and time.monotonic() >= self._hand_back_at):
             raise _ShuttingDown()
         if self._heartbeat is not None and self._heartbeat.lost:
             raise _LeaseLost()
