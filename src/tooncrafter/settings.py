@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     )
     endpoint_id: str = Field("fal-ai/toon-crafter", description="The `owner/alias` this server answers to.")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"], description="Allowed CORS origins.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "::1"],
+        description="Without PUBLIC_URL, the URLs the API returns are built from the request's Host, which must be "
+        "one of these (comma list; '*.example.com' matches subdomains, '*' anything); any other Host is a 400.",
+    )
     sse_keepalive_s: float = Field(15.0, gt=0, description="Seconds between `: ping` comments on status streams.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as plain text or one JSON object per line.")
 
@@ -118,7 +123,7 @@ class Settings(BaseSettings):
     webhook_max_delay_s: float = Field(3600.0, gt=0, description="Upper bound of one retry delay.")
     webhook_timeout_s: float = Field(15.0, gt=0, description="Time limit of one webhook POST.")
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

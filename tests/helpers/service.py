@@ -110,6 +110,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "webhook_base_delay_s": 0.2,
         "webhook_max_delay_s": 1.0,
         "webhook_timeout_s": 5.0,
+        "allowed_hosts": ["testserver", "127.0.0.1", "localhost", "::1"],  # TestClient's host and loopback
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)

@@ -31,7 +31,7 @@ def server(tmp_path):
 def _raw_post(server, path: str, headers: dict[str, str], body_size: int, send_body: bool) -> tuple[int, float]:
     """POST with a declared body; returns (status, seconds to answer) reading only the status line."""
     with socket.create_connection((server.host, server.port), timeout=10) as s:
-        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {body_size}\r\n"
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {body_size}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
         started = time.monotonic()
         s.sendall(head.encode())
@@ -79,3 +79,55 @@ def test_more_keyframes_than_the_model_can_place_is_a_422_at_submit(tmp_path) ->
         assert response.status_code == 422
         assert response.json()["message"].startswith("keyframe_image_urls: this model makes 8-frame clips")
         assert client.post(Q, json={"keyframe_image_urls": keyframes[:8]}).status_code == 200
+
+
+@pytest.mark.parametrize("target", ["data:image/png;base64,iVBORw0KGgo=", "mailto:a@b.c", "javascript:alert(1)", "about:blank", "urn:x:y", "http:x"])
+def test_a_redirect_to_a_non_http_url_is_an_input_error(target: str) -> None:
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from tooncrafter.service.inputs import FetchLimits, InputError, fetch_input
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(InputError, match="not an http"):
+            asyncio.run(fetch_input(f"http://127.0.0.1:{httpd.server_port}/a.png", limits=FetchLimits(allow_private=True, timeout_s=5),
+                                    storage=None, own_base_urls=[]))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_an_absurd_range_header_is_a_416(server) -> None:
+    with server.client(headers={"Authorization": "Key k1"}) as client:
+        initiated = client.post("/storage/upload/initiate", json={"content_type": "image/png", "file_name": "a.png"}).json()
+        assert client.put(initiated["upload_url"], content=b"\x89PNG\r\n\x1a\n" + b"0" * 100).status_code == 200
+        path = initiated["file_url"].replace(server.base_url, "")
+        assert client.get(path, headers={"Range": "bytes=" + "9" * 4301 + "-"}).status_code == 416
+        assert client.get(path, headers={"Range": "bytes=0-" + "9" * 4301}).status_code == 416
+        assert client.get(path, headers={"Range": "bytes=0-3"}).status_code == 206
+
+
+def test_a_spoofed_host_is_a_400_unless_public_url_decides(tmp_path) -> None:
+    with running_server(create_app(make_settings(tmp_path), generator_factory=fake_factory())) as running:
+        with running.client(headers={"Host": "evil.example"}) as client:
+            spoofed = client.post(Q, json={"keyframe_image_urls": two_keyframes()})
+        assert spoofed.status_code == 400 and "TOONCRAFTER_PUBLIC_URL" in spoofed.json()["message"]
+        with running.client() as client:
+            assert client.post(Q, json={"keyframe_image_urls": two_keyframes()}).json()["status_url"].startswith(running.base_url)
+    settings = make_settings(tmp_path, public_url="https://toons.example.com")
+    with running_server(create_app(settings, generator_factory=fake_factory())) as running:
+        with running.client(headers={"Host": "evil.example"}) as client:
+            urls = client.post(Q, json={"keyframe_image_urls": two_keyframes()}).json()
+        assert urls["status_url"].startswith("https://toons.example.com/queue/") and "evil" not in str(urls)

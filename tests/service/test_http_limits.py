@@ -44,7 +44,7 @@ def _half_open(port: int, count: int) -> list[socket.socket]:
     sockets = []
     for _ in range(count):
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # headers that never finish
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # headers that never finish
         sockets.append(s)
     return sockets
 
@@ -98,9 +98,9 @@ def test_requests_that_never_finish_are_cut_at_their_deadline(tmp_path, kind: st
         port = int(url.rsplit(":", 1)[1])
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         if kind == "headers":
-            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         elif kind == "body":
-            s.sendall(b"POST /queue/fal-ai/toon-crafter HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\n{")
+            s.sendall(b"POST /queue/fal-ai/toon-crafter HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n{")
         # "silent": connect and send nothing
         assert _closed_by_server(s, within_s=5)
         s.close()

@@ -239,7 +239,7 @@ def test_sse_keepalive_is_a_comment(tmp_path):
 
 
 def test_queue_host_header_routes_to_queue(tmp_path):
-    with _client(tmp_path) as client:
+    with _client(tmp_path, allowed_hosts=["*.example.test"]) as client:
         response = client.post(
             "/fal-ai/toon-crafter",
             json={"keyframe_image_urls": two_keyframes(), "steps": 1},

@@ -62,7 +62,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tooncrafter.schema import describe_error
 from tooncrafter.service.api.deps import LifespanState, get_runtime, require_owner
 from tooncrafter.service.api.files import files_router
-from tooncrafter.service.api.limits import RequestLimits
+from tooncrafter.service.api.limits import RequestLimits, TrustedHosts
 from tooncrafter.service.api.playground import playground_router
 from tooncrafter.service.api.protocol import (
     QUEUE_PREFIX,
@@ -216,6 +216,7 @@ def create_app(
     app.include_router(run_router())
 
     app.add_middleware(RequestLimits, settings=settings)  # auth and body size before any body is read
+    app.add_middleware(TrustedHosts, settings=settings)  # before anything builds a URL from Host
     app.add_middleware(FalGatewayMiddleware)
     app.add_middleware(
         CORSMiddleware,

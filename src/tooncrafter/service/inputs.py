@@ -209,6 +209,8 @@ async def _fetch_http(
                 raise TimeoutError from None
             except httpx.HTTPError as exc:
                 raise InputError(f"could not fetch the URL ({type(exc).__name__}: {exc})") from None
+            except httpx.InvalidURL:  # httpx builds the next request of a redirect: data:, mailto:, http:x ...
+                raise InputError("the URL redirects to something that is not an http(s) URL") from None
             try:
                 if response.status_code in _REDIRECT_CODES and "location" in response.headers:
                     try:

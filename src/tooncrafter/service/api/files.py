@@ -122,6 +122,8 @@ def parse_byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     first, last = first.strip(), last.strip()
     if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) or not (first or last):
         return None
+    if len(first) > 20 or len(last) > 20:  # past any file size (and past int()'s digit limit)
+        raise RangeNotSatisfiable
     if not first:  # bytes=-n: the last n bytes
         suffix = int(last)
         if suffix == 0 or size == 0:

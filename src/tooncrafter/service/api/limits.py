@@ -1,4 +1,4 @@
-"""Limits checked before any work: who is calling, and how big the body may be.
+"""Limits checked before any work: which host was asked for, who is calling, how big the body may be.
 
 An ASGI middleware in front of every route, so that a request pays for nothing before it is allowed:
 * a request with a body (POST/PUT/PATCH) to a keyed route is authenticated from its headers before
@@ -84,3 +84,39 @@ class RequestLimits:
 
 def _too_large_message(limit: int) -> str:
     return f"request body is larger than the limit of {limit} bytes"
+
+
+def host_of(header: str) -> str:
+    """The host name of a `Host` header, lower-cased, without port or IPv6 brackets."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    for pattern in allowed:
+        pattern = pattern.strip().lower().strip("[]")
+        if pattern == "*" or host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return True
+    return False
+
+
+class TrustedHosts:
+    """Without PUBLIC_URL the returned URLs come from the `Host` header, so it must be a known name:
+    a spoofed Host would otherwise be baked into status, result and stored file URLs. 400 otherwise."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.settings.public_url:
+            await self.app(scope, receive, send)
+            return
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        if not host_allowed(host_of(header), self.settings.allowed_hosts):
+            message = f"unknown Host {header[:100]!r}: set TOONCRAFTER_PUBLIC_URL or add it to TOONCRAFTER_ALLOWED_HOSTS"
+            await _send_json(send, 400, {"detail": message, "message": message})
+            return
+        await self.app(scope, receive, send)
