@@ -341,12 +341,10 @@ class Worker(BackgroundLoop):
 
         def on_step(step: int, total: int) -> None:
             self.store.add_log(job.id, f"step {step}/{total}")
+            if self._cancelled(job.id):
+                raise GenerationCancelled(f"cancelled after step {step} of {total}")
 
-        result = self._generator.generate(
-            GenerationRequest.from_input(params, keyframes, seed),
-            on_step=on_step,
-            should_cancel=lambda: self._cancelled(job.id),
-        )
+        result = self._generator(GenerationRequest.from_input(params, keyframes, seed), on_step=on_step)
 
         from tooncrafter.media.video import encode_video
 
