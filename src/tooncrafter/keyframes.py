@@ -49,11 +49,12 @@ def _check_counts(num_keyframes: int, num_frames: int) -> None:
         )
 
 
-def check_keyframe_lengths(lengths: Sequence[int], num_keyframes: int, num_frames: int) -> None:
+def check_keyframe_lengths(lengths: Sequence[int], num_keyframes: int, num_frames: int | None) -> None:
     """The `keyframe_lengths` rule: one integer >= 1 per keyframe, summing to the model's frame count T.
 
-    Raises ValueError. Called wherever T is known (the endpoint's `schema.check_fits_model`, the plan
-    below); the messages do not name the field: the API prefixes `keyframe_lengths`, the CLI
+    Raises ValueError. `num_frames=None` checks what is known before a model is (the endpoint schema:
+    a 422 before anything is queued); the sum is checked wherever T is known (`schema.check_fits_model`,
+    the plan below). The messages do not name the field: the API prefixes `keyframe_lengths`, the CLI
     `--keyframe-lengths`.
     """
     if isinstance(lengths, (str, bytes)) or not all(
@@ -64,7 +65,7 @@ def check_keyframe_lengths(lengths: Sequence[int], num_keyframes: int, num_frame
         raise ValueError(f"has {len(lengths)} entries but there are {num_keyframes} keyframes (one length per keyframe)")
     if any(n < 1 for n in lengths):
         raise ValueError("every entry must be >= 1")
-    if sum(lengths) != num_frames:
+    if num_frames is not None and sum(lengths) != num_frames:
         raise ValueError(f"must sum to the model's frame count {num_frames}, got {sum(lengths)}")
 
 

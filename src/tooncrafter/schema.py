@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from tooncrafter.keyframes import check_keyframe_lengths
 
@@ -90,6 +90,16 @@ class ToonCrafterInput(BaseModel):
             if not isinstance(url, str) or not url.strip():
                 raise ValueError(f"keyframe {i} is empty")
         return [u.strip() for u in urls]
+
+    @field_validator("keyframe_lengths")
+    @classmethod
+    def _one_length_per_keyframe(cls, lengths: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        # a field validator (not a model one) so that the 422 and the CLI error name `keyframe_lengths`; the
+        # sum needs the served model's frame count and is checked by `check_fits_model`
+        urls = info.data.get("keyframe_image_urls")
+        if lengths is not None and urls is not None:
+            check_keyframe_lengths(lengths, len(urls), None)
+        return lengths
 
 
 def field_default(name: str) -> Any:
