@@ -1,6 +1,6 @@
 """`python -m benchmarks.run --size tiny|mid|full [--dtype float32,bfloat16] [--steps N] [--out results.json]`
 
-Runs the same request (two synthetic keyframes, fixed seed and prompt, cfg 7.5, eta 1) with the
+Runs the same request (two synthetic keyframes, fixed seed and prompt, the endpoint's default options) with the
 official-style baseline (`baseline.py`, fp32) and with our pipeline in each `--dtype`, every run in a fresh
 subprocess, checks that the uint8 frames agree (fp32: within one level, a float rounding can flip a
 truncation; other dtypes: the drift is reported), prints a table of figures and ours/baseline ratios and writes them as JSON.
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.sizes import SIZES, prepare
+from tooncrafter.schema import field_default
 # fp32 ours vs fp32 baseline, in uint8 levels: float rounding (~1e-5) can move a value across a truncation step
 FRAME_TOLERANCE = 1
 
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     size = prepare(args.size, args.checkpoint)
     base_spec = {
         "checkpoint_dir": str(size.checkpoint_dir), "device": args.device, "steps": args.steps, "seed": args.seed,
-        "prompt": "a cartoon cat", "cfg_scale": 7.5, "eta": 1.0, "motion_steps": 10, "threads": args.threads,
+        "prompt": "a cartoon cat", "cfg_scale": field_default("cfg_scale"), "eta": field_default("eta"),
+        "motion_steps": field_default("motion_steps"), "threads": args.threads,
         "offload": args.offload, "compile": args.compile, "flops": not args.no_flops,
     }
     runs = [] if args.no_baseline else [("baseline", "baseline", "float32")]

@@ -34,7 +34,7 @@ from tooncrafter.sampling import (
     sample_ddim,
 )
 
-SCHEDULE_FILE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "schedule.safetensors"
+SCHEDULE_FILE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "schedule.safetensors"
 REF_CFG_SCALE = 7.5  # the fixture pipeline's guidance (reference README section 3)
 REF_GUIDANCE_RESCALE = 0.7
 

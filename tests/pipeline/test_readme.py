@@ -19,7 +19,7 @@ from service_helpers import fake_factory, js_client_dir, make_settings, make_tls
 from tooncrafter.fixtures import DEFAULT_FIXTURES
 from tooncrafter.service.app import create_app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def snippets(section: str, language: str) -> list[str]:
