@@ -13,9 +13,11 @@ The sampler math (`sampling.py`) is shared: the DDIM update is negligible next t
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 from tooncrafter.model.attention import math_attention, set_attention_function
 from tooncrafter.model.checkpoint import component_state_dict, schedule_buffers
@@ -24,7 +26,9 @@ from tooncrafter.model.config import ToonCrafterConfig
 from tooncrafter.model.resampler import Resampler
 from tooncrafter.model.unet import UNet3D
 from tooncrafter.model.vae import AutoencoderDualRef
-from tooncrafter.pipeline import GUIDANCE_RESCALE, decode_with_splice
+from tooncrafter.decoding import decode_with_splice
+from tooncrafter.denoising import GUIDANCE_RESCALE
+from tooncrafter.media.tensors import preprocess_keyframe, video_to_frames
 from tooncrafter.sampling import (
     NoiseSchedule,
     ddim_schedule,
@@ -61,7 +65,7 @@ class OfficialStyleBaseline:
     @torch.no_grad()
     def __call__(
         self,
-        pixels: torch.Tensor,
+        images: Sequence[Image.Image],
         *,
         prompt: str,
         steps: int,
@@ -70,12 +74,12 @@ class OfficialStyleBaseline:
         motion_steps: int,
         generator: torch.Generator,
         on_step: Callable[[int, int], None] | None = None,
-    ) -> torch.Tensor:
-        """Two keyframes `[2, 3, H, W]` -> video `[1, 3, T, H, W]` (same noise draws as our pipeline)."""
+    ) -> np.ndarray:
+        """Two keyframe images -> uint8 frames `[T, H, W, 3]` (same noise draws as our pipeline)."""
         cfg = self.config
         frames, (h, w), channels = cfg.num_frames, cfg.latent_size, cfg.diffusion.channels
         dev = self.device
-        pixels = pixels.to(dev)
+        pixels = torch.stack([preprocess_keyframe(image, *cfg.pixel_size) for image in images]).to(dev)
         # official input video: key 1 repeated T/2 times, then key 2
         video = torch.cat([pixels[:1].expand(frames // 2, -1, -1, -1), pixels[1:].expand(frames - frames // 2, -1, -1, -1)])
         posterior_noise = randn_tensor((frames, channels, h, w), generator, "cpu", torch.float32)
@@ -105,8 +109,9 @@ class OfficialStyleBaseline:
             return guide(v_c, v_u, cfg_scale, GUIDANCE_RESCALE)[1]
 
         plan = ddim_schedule(self.schedule, steps, eta)
-        latents = sample_ddim(denoise, x_T.to(dev), plan, generator_noise(generator, dev, torch.float32), on_step=on_step)
+        progress = None if on_step is None else (lambda out: on_step(out.index + 1, out.total))
+        latents = sample_ddim(denoise, x_T.to(dev), plan, generator_noise(generator, dev, torch.float32), callback=progress)
 
         # the two full decodes and the middle-frame splice
         full = decode_with_splice(self.vae, latents / cfg.diffusion.scale_factor, refs, chunk_frames=frames)
-        return full
+        return video_to_frames(full[0].cpu())

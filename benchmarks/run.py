@@ -1,9 +1,9 @@
 """`python -m benchmarks.run --size tiny|mid|full [--dtype float32,bfloat16] [--steps N] [--out results.json]`
 
-Runs the same request (two synthetic keyframes, fixed seed and prompt, cfg 7.5, eta 1) with the
+Runs the same request (two synthetic keyframes, fixed seed and prompt, the endpoint's default options) with the
 official-style baseline (`baseline.py`, fp32) and with our pipeline in each `--dtype`, every run in a fresh
-subprocess, checks that the videos agree (fp32: within the pipeline parity tolerance 1e-3; other dtypes:
-the drift is reported), prints a table of figures and ours/baseline ratios and writes them as JSON.
+subprocess, checks that the uint8 frames agree (fp32: within one level, a float rounding can flip a
+truncation; other dtypes: the drift is reported), prints a table of figures and ours/baseline ratios and writes them as JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.sizes import SIZES, prepare
-from tooncrafter.fixtures import PIPELINE_TOLERANCE  # fp32 ours vs fp32 baseline
+from tooncrafter.schema import field_default
+# fp32 ours vs fp32 baseline, in uint8 levels: float rounding (~1e-5) can move a value across a truncation step
+FRAME_TOLERANCE = 1
 
 # figures compared as ours / baseline (lower is better for all but FLOP/s)
 FIGURES = (
@@ -80,7 +82,7 @@ def table(results: dict, ratios: dict) -> str:
             continue
         rows.append([label, *[fmt(results[n].get(key)) for n in names],
                      *[fmt(ratios[n].get(key)) for n in names if n != "baseline"]])
-    rows.append(["max |video - baseline|", *[fmt(results[n].get("max_abs_diff_vs_baseline")) for n in names],
+    rows.append(["max |frames - baseline| (uint8)", *[fmt(results[n].get("max_abs_diff_vs_baseline")) for n in names],
                  *["" for n in names if n != "baseline"]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     size = prepare(args.size, args.checkpoint)
     base_spec = {
         "checkpoint_dir": str(size.checkpoint_dir), "device": args.device, "steps": args.steps, "seed": args.seed,
-        "prompt": "a cartoon cat", "cfg_scale": 7.5, "eta": 1.0, "motion_steps": 10, "threads": args.threads,
+        "prompt": "a cartoon cat", "cfg_scale": field_default("cfg_scale"), "eta": field_default("eta"),
+        "motion_steps": field_default("motion_steps"), "threads": args.threads,
         "offload": args.offload, "compile": args.compile, "flops": not args.no_flops,
     }
     runs = [] if args.no_baseline else [("baseline", "baseline", "float32")]
@@ -125,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     if "baseline" in results:
         base = results["baseline"]
         for tag, res in results.items():
-            diff = float((videos[tag] - videos["baseline"]).abs().max())
+            diff = float((videos[tag].int() - videos["baseline"].int()).abs().max())
             res["max_abs_diff_vs_baseline"] = diff
-            if tag != "baseline" and res["dtype"] == "float32" and not diff <= PIPELINE_TOLERANCE:
-                failures.append(f"{tag}: max |video - baseline| = {diff:.3g} > {PIPELINE_TOLERANCE}")
+            if tag != "baseline" and res["dtype"] == "float32" and not diff <= FRAME_TOLERANCE:
+                failures.append(f"{tag}: max |frames - baseline| = {diff:.3g} > {FRAME_TOLERANCE} (uint8 levels)")
             ratios[tag] = {
                 key: (res[key] / base[key]) if (res.get(key) is not None and base.get(key)) else None for key, _ in FIGURES
             }
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(), "size": args.size, "steps": args.steps, "device": args.device,
         "cpu_model": cpu_model(), "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "threads": args.threads, "torch": torch.__version__, "load_average_at_end": os.getloadavg(), "checkpoint_dir": str(size.checkpoint_dir),
-        "parity_tolerance_fp32": PIPELINE_TOLERANCE, "results": results, "ratios_vs_baseline": ratios,
+        "frame_tolerance_fp32_levels": FRAME_TOLERANCE, "results": results, "ratios_vs_baseline": ratios,
         "parity_failures": failures,
     }
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"{args.size}.json"

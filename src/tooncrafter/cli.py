@@ -37,21 +37,32 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first run, faster steps)")
 
 
+def _add_contract_option(parser: argparse.ArgumentParser, flag: str, field: str, kind: type) -> None:
+    """An option of the endpoint's contract: its default and its help are the schema's own."""
+    from tooncrafter.schema import field_default, field_help
+
+    default = field_default(field)
+    shown = f" (default {default})" if default != "" else ""
+    parser.add_argument(flag, type=kind, default=default, help=field_help(field) + shown)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tooncrafter", description="ToonCrafter cartoon keyframe interpolation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from tooncrafter.schema import field_help
+
     gen = sub.add_parser("generate", help="interpolate between keyframes and write a video")
     gen.add_argument("keyframes", nargs="+", metavar="KEYFRAME", help="image path, http(s) URL or data: URI (2 or more)")
     gen.add_argument("-o", "--output", required=True, help="output video (.mp4, .webm or .gif)")
-    gen.add_argument("--prompt", default="", help="text describing the motion")
-    gen.add_argument("--steps", type=int, default=50, help="DDIM steps (1-100, default 50)")
-    gen.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (>= 1, default 7.5)")
-    gen.add_argument("--eta", type=float, default=1.0, help="DDIM eta (0-1, default 1.0)")
-    gen.add_argument("--motion-steps", type=int, default=10, help="frame-stride condition: lower = more motion (default 10)")
-    gen.add_argument("--fps", type=int, default=8, help="frames per second of the video (default 8)")
-    gen.add_argument("--seed", type=int, help="random seed (default: random; printed)")
+    _add_contract_option(gen, "--prompt", "prompt", str)
+    _add_contract_option(gen, "--steps", "steps", int)
+    _add_contract_option(gen, "--cfg-scale", "cfg_scale", float)
+    _add_contract_option(gen, "--eta", "eta", float)
+    _add_contract_option(gen, "--motion-steps", "motion_steps", int)
+    _add_contract_option(gen, "--fps", "fps", int)
+    gen.add_argument("--seed", type=int, help=field_help("seed") + " (printed)")
     gen.add_argument("--keyframe-lengths", type=_lengths, help="frames per keyframe, e.g. 6,5,5 (sum = model frames)")
     gen.add_argument("--keep-all-frames", action="store_true", help="with >2 keyframes keep every frame of every pair")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -162,7 +173,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     seed = inputs.seed if inputs.seed is not None else random_seed()
     request = GenerationRequest.from_input(inputs, images, seed)
     with tqdm(total=inputs.steps, desc="denoising", unit="step", disable=args.quiet, file=sys.stderr) as bar:
-        result = pipeline.generate(request, on_step=lambda step, total: bar.update(1))
+        result = pipeline(request, on_step=lambda step, total: bar.update(1))
     output.parent.mkdir(parents=True, exist_ok=True)
     write_video(result.frames, output, fps=inputs.fps)
     print(f"seed: {result.seed}")

@@ -29,6 +29,11 @@ PIPELINE_TOLERANCE = 1e-3
 GUIDED_TOLERANCE = 2e-3
 SCHEDULE_TOLERANCE = 1e-6
 
+# The settings of the reference pipeline runs (reference README, section 4): cfg 7.5 and, when a fixture
+# does not store `pipe_fs`, fs 10.
+FIXTURE_CFG_SCALE = 7.5
+FIXTURE_FS = 10
+
 
 def module_tolerance(ref: torch.Tensor) -> float:
     """Module-level bound: `1e-4 + 1e-4 * max|ref|`."""

@@ -1,47 +1,52 @@
-"""The seam between whoever receives a request (CLI, HTTP worker) and the pipeline that makes frames.
+"""The seam between whoever receives a request (CLI, HTTP worker, a library caller) and the model.
 
-One small interface: a request of decoded keyframes and sampling options, a progress callback
-called once per denoising step, a cancel check polled between steps, and frames back. The service
-depends on this module only, so a test can swap in any object with a `generate` method.
+One small interface: a request of decoded keyframes and sampling options, one progress callback
+called after every denoising step (raise `GenerationCancelled` in it to stop), and frames back. The
+service depends on this module only, so a test can swap in any object that implements `Generator`.
+The option defaults are the endpoint's own (`tooncrafter.schema`), written once there.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 from PIL import Image
 
-from tooncrafter.schema import MAX_SEED, ToonCrafterInput
+from tooncrafter.schema import MAX_SEED, field_default
+
+if TYPE_CHECKING:
+    from tooncrafter.schema import ToonCrafterInput
 
 ProgressCallback = Callable[[int, int], None]
-"""Called as `on_step(step, total)` after each denoising step (1-based)."""
-CancelCheck = Callable[[], bool]
-"""Polled between denoising steps; True stops the request with `GenerationCancelled`."""
+"""Called after every denoising step with (step, total), step 1-based. Raise GenerationCancelled in it to stop."""
 
 
 class GenerationCancelled(Exception):
-    """The cancel check returned True; no frames were produced."""
+    """The request was stopped between two denoising steps; no frames were produced."""
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Decoded keyframes plus the endpoint's sampling options (seed already resolved)."""
+    """Decoded keyframes plus the endpoint's sampling options.
+
+    `seed` is required: a library caller chooses it (or `random_seed()`) and never silently gets seed 0.
+    """
 
     keyframes: list[Image.Image]
     seed: int
-    prompt: str = ""
-    steps: int = 50
-    cfg_scale: float = 7.5
-    eta: float = 1.0
-    motion_steps: int = 10
-    keyframe_lengths: list[int] | None = None
-    keep_all_frames: bool = False
+    prompt: str = field_default("prompt")
+    steps: int = field_default("steps")
+    cfg_scale: float = field_default("cfg_scale")
+    eta: float = field_default("eta")
+    motion_steps: int = field_default("motion_steps")
+    keyframe_lengths: list[int] | None = field_default("keyframe_lengths")
+    keep_all_frames: bool = field_default("keep_all_frames")
 
     @classmethod
-    def from_input(cls, inputs: ToonCrafterInput, keyframes: list[Image.Image], seed: int) -> "GenerationRequest":
+    def from_input(cls, inputs: ToonCrafterInput, keyframes: list[Image.Image], seed: int) -> GenerationRequest:
         """The endpoint's validated input with its keyframes decoded and its seed resolved."""
         return cls(
             keyframes=keyframes,
@@ -64,9 +69,12 @@ class GenerationResult:
     seed: int
 
 
-class Generator(Protocol):            # what the service's worker needs from a model
+class Generator(Protocol):
+    """What the CLI and the service need from a loaded model (`ToonCrafterPipeline`, or a test fake)."""
+
     @property
     def num_frames(self) -> int: ...
+
     def __call__(self, request: GenerationRequest, *, on_step: ProgressCallback | None = None) -> GenerationResult: ...
 
 

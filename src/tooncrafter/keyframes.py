@@ -24,8 +24,6 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import NamedTuple, Sequence
 
-from tooncrafter.schema import check_keyframe_lengths
-
 
 class FramePick(NamedTuple):
     """One output frame: frame `frame` (0..T-1) of pair window `window` (0..N-2)."""
@@ -51,17 +49,24 @@ def _check_counts(num_keyframes: int, num_frames: int) -> None:
         )
 
 
-def validate_keyframe_lengths(lengths: Sequence[int], num_keyframes: int, num_frames: int) -> None:
-    """Raise ValueError unless `lengths` has one entry >= 1 per keyframe summing to `num_frames` (T).
+def check_keyframe_lengths(lengths: Sequence[int], num_keyframes: int, num_frames: int | None) -> None:
+    """The `keyframe_lengths` rule: one integer >= 1 per keyframe, summing to the model's frame count T.
 
-    The same rule as the endpoint schema (`schema.check_keyframe_lengths`), checked again here
-    against the loaded model's own T.
+    Raises ValueError. `num_frames=None` checks what is known before a model is (the endpoint schema:
+    a 422 before anything is queued); the sum is checked wherever T is known (`schema.check_fits_model`,
+    the plan below). The messages do not name the field: the API prefixes `keyframe_lengths`, the CLI
+    `--keyframe-lengths`.
     """
     if isinstance(lengths, (str, bytes)) or not all(
         isinstance(n, int) and not isinstance(n, bool) for n in lengths
     ):
-        raise ValueError(f"keyframe_lengths must be a list of integers, got {lengths!r}")
-    check_keyframe_lengths(list(lengths), num_keyframes, num_frames)
+        raise ValueError(f"must be a list of integers, got {lengths!r}")
+    if len(lengths) != num_keyframes:
+        raise ValueError(f"has {len(lengths)} entries but there are {num_keyframes} keyframes (one length per keyframe)")
+    if any(n < 1 for n in lengths):
+        raise ValueError("every entry must be >= 1")
+    if num_frames is not None and sum(lengths) != num_frames:
+        raise ValueError(f"must sum to the model's frame count {num_frames}, got {sum(lengths)}")
 
 
 def plan_windows(num_keyframes: int) -> list[tuple[int, int]]:
@@ -82,7 +87,7 @@ def keyframe_positions(num_keyframes: int, num_frames: int, lengths: Sequence[in
     if lengths is None:
         lengths = [1] * num_keyframes  # equal runs; only ratios of centres matter
     else:
-        validate_keyframe_lengths(lengths, num_keyframes, num_frames)
+        check_keyframe_lengths(lengths, num_keyframes, num_frames)
     centres: list[Fraction] = []
     start = 0
     for n in lengths:
@@ -108,7 +113,7 @@ def frame_picks(
     """
     _check_counts(num_keyframes, num_frames)
     if lengths is not None:
-        validate_keyframe_lengths(lengths, num_keyframes, num_frames)
+        check_keyframe_lengths(lengths, num_keyframes, num_frames)
     last = num_frames - 1
     windows = num_keyframes - 1
     if keep_all:

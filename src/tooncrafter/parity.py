@@ -15,7 +15,12 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from tooncrafter.conditioning import ConditionEncoder, Conditioning
+from tooncrafter.decoding import decode_latents
+from tooncrafter.denoising import GUIDANCE_RESCALE, noise_schedule, unet_velocities
 from tooncrafter.fixtures import (
+    FIXTURE_CFG_SCALE,
+    FIXTURE_FS,
     GUIDED_TOLERANCE,
     PIPELINE_TOLERANCE,
     SCHEDULE_TOLERANCE,
@@ -29,10 +34,78 @@ from tooncrafter.model.checkpoint import read_state_dict
 from tooncrafter.model.clip import ImageEncoder, TextEncoder
 from tooncrafter.model.loader import ToonCrafterComponents, load_components
 from tooncrafter.model.vae import EncoderOutput
-from tooncrafter.pipeline import GuidanceRecord, ToonCrafterPipeline
-from tooncrafter.sampling import DDIMStepOutput, ddim_schedule
+from tooncrafter.placement import Placement
+from tooncrafter.sampling import DDIMStepOutput, ddim_schedule, guide, replay_noise, sample_ddim
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GuidanceRecord:
+    """One step's guided denoiser internals."""
+
+    t: int
+    v_cond: torch.Tensor
+    v_uncond: torch.Tensor | None
+    v_cfg: torch.Tensor
+    v_guided: torch.Tensor
+
+
+@dataclass
+class ReplayedRun:
+    """A fixture pipeline run (`eta0`, `eta1`) redone from the fixture's own noise, with every intermediate."""
+
+    cond: Conditioning
+    guidance: list[GuidanceRecord]
+    steps: list[DDIMStepOutput]
+    video: torch.Tensor  # [1, 3, T, H, W]
+
+
+def fixture_run_steps(f: FixtureSet, run: str) -> int:
+    """How many DDIM steps the fixture recorded for `run`."""
+    return len([k for k in f.tensors if k.startswith(f"pipe_{run}_step") and k.endswith("_x_prev")])
+
+
+@torch.no_grad()
+def replay_fixture_run(components: ToonCrafterComponents, placement: Placement, f: FixtureSet, run: str) -> ReplayedRun:
+    """The pipeline's steps composed on the fixture's inputs: its keyframes, posterior noise, x_T and step noise
+    (and its CLIP embeddings when the checkpoint has no CLIP towers), recording what each step made."""
+    frames = components.config.num_frames
+    steps, eta = fixture_run_steps(f, run), float(run[3:])
+    pixels = torch.cat([f["pipe_keyframe_1"], f["pipe_keyframe_2"]])
+    windows = [(0, 1)]
+    encoder = ConditionEncoder(components, placement)
+    latents, hidden = encoder.encode_keyframes(pixels, f["pipe_vae_posterior_noise"][[0, frames - 1]])
+    if components.has_clip:
+        text = encoder.text_context(f.meta.get("pipeline_prompt", ""), len(windows), True)
+        tokens = encoder.window_image_tokens(pixels, windows, True)
+    else:
+        text = (f["pipe_text_emb_cond"], f["pipe_text_emb_uncond"])
+        tokens = (f["pipe_clip_image_tokens_cond"], f["pipe_clip_image_tokens_uncond"])
+    fs = int(f["pipe_fs"][0]) if "pipe_fs" in f.tensors else FIXTURE_FS
+    cond = encoder.assemble(latents, hidden, windows, text, tokens, fs)
+
+    velocities = unet_velocities(components.unet, cond, placement.dtype)
+    guidance: list[GuidanceRecord] = []
+
+    def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
+        v_cond, v_uncond = velocities(x, t)
+        v_cfg, v_guided = guide(v_cond, v_uncond, FIXTURE_CFG_SCALE, GUIDANCE_RESCALE)
+        guidance.append(GuidanceRecord(t=t, v_cond=v_cond, v_uncond=v_uncond, v_cfg=v_cfg, v_guided=v_guided))
+        return v_guided
+
+    x_T = f["pipe_x_T"]
+    if f.has(f"pipe_{run}_step0_noise"):
+        step_noise = [f[f"pipe_{run}_step{i}_noise"].to(placement.device) for i in range(steps)]
+    else:  # eta = 0: every sigma is 0, the draws are multiplied away
+        step_noise = [torch.zeros_like(x_T, device=placement.device)] * steps
+    plan = ddim_schedule(noise_schedule(components), steps, eta)
+    recorded: list[DDIMStepOutput] = []
+    final = sample_ddim(denoise, x_T.to(placement.device), plan, replay_noise(step_noise), callback=recorded.append)
+    video = decode_latents(
+        components.vae, final, cond.ref_context, scale_factor=components.config.diffusion.scale_factor, placement=placement
+    )
+    return ReplayedRun(cond=cond, guidance=guidance, steps=recorded, video=video)
 
 
 @dataclass
@@ -59,7 +132,7 @@ class _Stages:
         self.f = fixtures
         self.c = components
         self.report = report
-        self.pipeline = ToonCrafterPipeline(components, device="cpu", dtype=torch.float32)
+        self.placement = Placement(torch.device("cpu"), torch.float32)
         self._keyframe_encoding: EncoderOutput | None = None
 
     def _encode_keyframes(self) -> EncoderOutput:
@@ -193,38 +266,17 @@ class _Stages:
         if not have_clip and not f.has("pipe_text_emb_cond", "pipe_text_emb_uncond", "pipe_clip_image_tokens_cond", "pipe_clip_image_tokens_uncond"):
             self.report.skip(pipe_outputs, "no CLIP towers and the fixture lacks the pipeline embeddings")
             return
-        prompt = f.meta.get("pipeline_prompt", "")
-        fs_value = int(f["pipe_fs"][0]) if "pipe_fs" in f.tensors else 10
-        frames = self.c.config.num_frames
-        pixels = torch.cat([f["pipe_keyframe_1"], f["pipe_keyframe_2"]])
-        noise = f["pipe_vae_posterior_noise"]
-        posterior_noise = noise[[0, frames - 1]]
-        text = None if have_clip else (f["pipe_text_emb_cond"], f["pipe_text_emb_uncond"])
-        tokens = None if have_clip else (f["pipe_clip_image_tokens_cond"], f["pipe_clip_image_tokens_uncond"])
-
         shared_done = False
         for run in runs:  # "eta0", "eta1"
-            eta = float(run[3:])
-            steps = len([k for k in f.tensors if k.startswith(f"pipe_{run}_step") and k.endswith("_x_prev")])
-            step_noise = [f[f"pipe_{run}_step{i}_noise"] for i in range(steps)] if f.has(f"pipe_{run}_step0_noise") else None
-            if eta > 0 and step_noise is None:
+            if float(run[3:]) > 0 and not f.has(f"pipe_{run}_step0_noise"):
                 self.report.skip([k for k in pipe_outputs if k.startswith(f"pipe_{run}_")], "fixture lacks the step noise")
                 continue
-            record: dict[str, torch.Tensor] = {}
-            guidance: list[GuidanceRecord] = []
-            steps_out: list[DDIMStepOutput] = []
-            video = self.pipeline.interpolate(
-                pixels, prompt=prompt, steps=steps, cfg_scale=7.5, eta=eta, motion_steps=fs_value,
-                posterior_noise=posterior_noise, x_T=f["pipe_x_T"],
-                step_noise=step_noise if step_noise is not None else [torch.zeros_like(f["pipe_x_T"])] * steps,
-                text_embeddings=text, clip_image_tokens=tokens,
-                guidance_callback=guidance.append, step_callback=steps_out.append, record=record,
-            )
+            replayed = replay_fixture_run(self.c, self.placement, f, run)
             if not shared_done:
                 shared_done = True
-                self._shared_pipeline_checks(record, noise)
-            self._schedule_checks(run, steps, eta)
-            for i, (g, s) in enumerate(zip(guidance, steps_out)):
+                self._shared_pipeline_checks(replayed.cond, f["pipe_vae_posterior_noise"])
+            self._schedule_checks(run, fixture_run_steps(f, run), float(run[3:]))
+            for i, (g, s) in enumerate(zip(replayed.guidance, replayed.steps)):
                 prefix = f"pipe_{run}_step{i}_"
                 ours = {
                     "t": torch.tensor([s.t]), "v_cond": g.v_cond, "v_uncond": g.v_uncond, "v_cfg": g.v_cfg,
@@ -237,9 +289,9 @@ class _Stages:
                         self.report.check(name, value, f[name], None if key == "t" else tol)
             name = f"pipe_{run}_video_out"
             if name in f.tensors:
-                self.report.check(name, video[0], f[name], PIPELINE_TOLERANCE)
+                self.report.check(name, replayed.video[0], f[name], PIPELINE_TOLERANCE)
 
-    def _shared_pipeline_checks(self, record: dict[str, torch.Tensor], posterior_noise: torch.Tensor) -> None:
+    def _shared_pipeline_checks(self, cond: Conditioning, posterior_noise: torch.Tensor) -> None:
         f = self.f
         frames = self.c.config.num_frames
         if "pipe_z_all_frames" in f.tensors:
@@ -249,18 +301,18 @@ class _Stages:
             which = torch.tensor([0] * (frames // 2) + [1] * (frames - frames // 2))
             z = self.c.config.diffusion.scale_factor * (enc.mean[which] + enc.std[which] * posterior_noise)
             self.report.check("pipe_z_all_frames", z.permute(1, 0, 2, 3).unsqueeze(0), f["pipe_z_all_frames"], PIPELINE_TOLERANCE)
-        mapping = {
-            "pipe_c_concat": "c_concat",
-            "pipe_text_emb_cond": "text_emb_cond",
-            "pipe_text_emb_uncond": "text_emb_uncond",
-            "pipe_resampler_out_cond": "resampler_out_cond",
-            "pipe_resampler_out_uncond": "resampler_out_uncond",
-            "pipe_context_cond": "context_cond",
-            "pipe_context_uncond": "context_uncond",
+        ours = {
+            "pipe_c_concat": cond.c_concat,
+            "pipe_text_emb_cond": cond.text[0],
+            "pipe_text_emb_uncond": cond.text[1],
+            "pipe_resampler_out_cond": cond.image[0],
+            "pipe_resampler_out_uncond": cond.image[1],
+            "pipe_context_cond": cond.context_cond,
+            "pipe_context_uncond": cond.context_uncond,
         }
-        for fixture_name, key in mapping.items():
-            if fixture_name in f.tensors and key in record:
-                self.report.check(fixture_name, record[key], f[fixture_name], PIPELINE_TOLERANCE)
+        for fixture_name, value in ours.items():
+            if fixture_name in f.tensors and value is not None:
+                self.report.check(fixture_name, value, f[fixture_name], PIPELINE_TOLERANCE)
         if not self.c.has_clip:
             given = ["pipe_text_emb_cond", "pipe_text_emb_uncond", "pipe_clip_image_tokens_cond", "pipe_clip_image_tokens_uncond"]
             self.report.skip([n for n in given if n in f.tensors], "used as input: the checkpoint has no CLIP towers")
@@ -273,7 +325,7 @@ class _Stages:
 
     def _schedule_checks(self, run: str, steps: int, eta: float) -> None:
         f = self.f
-        plan = ddim_schedule(self.pipeline.schedule, steps, eta)
+        plan = ddim_schedule(noise_schedule(self.c), steps, eta)
         ascending = {
             "ddim_timesteps": plan.timesteps.flip(0),
             "ddim_alphas": plan.alphas.flip(0),

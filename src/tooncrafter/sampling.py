@@ -26,8 +26,6 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from tooncrafter.generation import GenerationCancelled
-
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 """`denoise(x, t) -> v`: the guided v prediction for latents `x` `[B, C, T, h, w]` at integer timestep `t`."""
 NoiseFn = Callable[[int, tuple[int, ...]], torch.Tensor]
@@ -439,9 +437,10 @@ def replay_noise(noises: Sequence[torch.Tensor]) -> NoiseFn:
 
 @dataclass(frozen=True)
 class DDIMStepOutput:
-    """What one step saw and made, handed to `sample_ddim`'s `callback` (the parity tool records these)."""
+    """What one step saw and made, handed to `sample_ddim`'s `callback` (progress, cancel, the parity tool)."""
 
-    index: int
+    index: int  # 0-based; the step count so far is index + 1
+    total: int  # the plan's number of steps
     t: int
     x: torch.Tensor  # the step's input latent
     v: torch.Tensor  # the denoiser output (already guided)
@@ -456,8 +455,6 @@ def sample_ddim(
     x_T: torch.Tensor,
     plan: DDIMPlan,
     noise_fn: NoiseFn | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
     callback: Callable[[DDIMStepOutput], None] | None = None,
 ) -> torch.Tensor:
     """Run the DDIM loop from `x_T` `[B, C, T, h, w]`; returns the final latent x_0 (same shape and dtype).
@@ -465,22 +462,17 @@ def sample_ddim(
     `denoise(x, t)` returns the guided v at integer timestep t. `noise_fn(i, shape)` is called once
     per step, after the denoiser, also when sigma is 0 (as the official sampler draws), so a
     generator advances the same way for every eta; None is allowed only when every sigma is 0.
-    `should_cancel()` is polled before each step and True raises `GenerationCancelled`;
-    `on_step(i, n)` is called after each step with i 1-based; `callback` receives a `DDIMStepOutput`.
+    `callback` receives a `DDIMStepOutput` after each step; an exception it raises (a cancel) stops the loop.
     """
     if noise_fn is None and bool((plan.sigmas != 0).any()):
         raise ValueError(f"eta={plan.eta} gives non-zero sigmas: sample_ddim needs a noise_fn")
     n = len(plan)
     x = x_T
     for i, step in enumerate(plan):
-        if should_cancel is not None and should_cancel():
-            raise GenerationCancelled(f"cancelled before DDIM step {i + 1} of {n}")
         v = denoise(x, step.t)
         noise = noise_fn(i, tuple(x.shape)) if noise_fn is not None else None
         x_prev, x0 = ddim_step(v, x, step, noise)
         if callback is not None:
-            callback(DDIMStepOutput(index=i, t=step.t, x=x, v=v, noise=noise, x0=x0, x_prev=x_prev))
+            callback(DDIMStepOutput(index=i, total=n, t=step.t, x=x, v=v, noise=noise, x0=x0, x_prev=x_prev))
         x = x_prev
-        if on_step is not None:
-            on_step(i + 1, n)
     return x

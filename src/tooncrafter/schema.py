@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from tooncrafter.keyframes import check_keyframe_lengths
+
 MAX_KEYFRAMES = 16
 MAX_SEED = 2**32 - 1
 
@@ -91,28 +93,28 @@ class ToonCrafterInput(BaseModel):
 
     @field_validator("keyframe_lengths")
     @classmethod
-    def _lengths_match_keyframes(cls, lengths: list[int] | None, info: ValidationInfo) -> list[int] | None:
-        # a field validator (not a model one) so that the 422 and the CLI error name `keyframe_lengths`
-        # The sum must equal the loaded model's frame count: callers that know it pass the validation
-        # context {"num_frames": T}; without it only the count and the minimum are checked here.
+    def _one_length_per_keyframe(cls, lengths: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        # a field validator (not a model one) so that the 422 and the CLI error name `keyframe_lengths`; the
+        # sum needs the served model's frame count and is checked by `check_fits_model`
         urls = info.data.get("keyframe_image_urls")
-        num_frames = (info.context or {}).get("num_frames", sum(lengths or []))
         if lengths is not None and urls is not None:
-            check_keyframe_lengths(lengths, len(urls), num_frames)
+            check_keyframe_lengths(lengths, len(urls), None)
         return lengths
 
 
-def check_keyframe_lengths(lengths: list[int], num_keyframes: int, num_frames: int) -> None:
-    """Raise ValueError unless `lengths` has one entry >= 1 per keyframe and sums to `num_frames`.
+def field_default(name: str) -> Any:
+    """The endpoint's default of field `name`, for every other caller (CLI, `GenerationRequest`, playground)."""
+    return ToonCrafterInput.model_fields[name].default
 
-    The messages do not name the field: the API prefixes `keyframe_lengths`, the CLI `--keyframe-lengths`.
-    """
-    if len(lengths) != num_keyframes:
-        raise ValueError(f"has {len(lengths)} entries but there are {num_keyframes} keyframes (one length per keyframe)")
-    if any(n < 1 for n in lengths):
-        raise ValueError("every entry must be >= 1")
-    if sum(lengths) != num_frames:
-        raise ValueError(f"must sum to the model's frame count {num_frames}, got {sum(lengths)}")
+
+def field_help(name: str) -> str:
+    """The one-line explanation of field `name` (the OpenAPI description), for the CLI's help."""
+    return ToonCrafterInput.model_fields[name].description or ""
+
+
+def contract_defaults() -> dict[str, Any]:
+    """Every optional field with its default: what a form needs to start from (the playground)."""
+    return {name: info.default for name, info in ToonCrafterInput.model_fields.items() if not info.is_required()}
 
 
 class ContractError(ValueError):
@@ -127,7 +129,7 @@ def check_fits_model(num_keyframes: int, keyframe_lengths: list[int] | None, num
     """The rules that need the model's frame count T, checked wherever T is known (CLI, submit, worker).
 
     Every keyframe needs its own output frame, so a T-frame model places at most T keyframes; and
-    `keyframe_lengths` must lay out exactly T frames.
+    `keyframe_lengths` must lay out exactly T frames (`keyframes.check_keyframe_lengths`, the one rule).
     """
     if num_keyframes > num_frames:
         raise ContractError(

@@ -120,7 +120,8 @@ def unknown_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(k for k in state if not k.startswith(prefixes) and k not in SCHEDULE_BUFFERS)
 
 
-def _format_keys(keys: Iterable[str], limit: int = 20) -> str:
+def format_keys(keys: Iterable[str], limit: int = 20) -> str:
+    """Sorted keys for an error message, the first `limit` of them and a count of the rest."""
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
@@ -148,9 +149,9 @@ def load_into(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_format_keys(prefix + k for k in missing)}")
+            parts.append(f"missing keys: {format_keys(prefix + k for k in missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_format_keys(prefix + k for k in unexpected)}")
+            parts.append(f"unexpected keys: {format_keys(prefix + k for k in unexpected)}")
         raise CheckpointError(f"{component}: checkpoint does not match the model ({'; '.join(parts)})")
     bad_shapes = [
         f"{prefix}{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -166,7 +167,7 @@ def load_into(
     module.load_state_dict(converted, strict=True, assign=True)
     leftovers = [name for name, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if leftovers:
-        raise CheckpointError(f"{component}: tensors not set by the checkpoint nor computed by the model: {_format_keys(leftovers)}")
+        raise CheckpointError(f"{component}: tensors not set by the checkpoint nor computed by the model: {format_keys(leftovers)}")
     return module.eval().requires_grad_(False)
 
 

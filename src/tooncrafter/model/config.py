@@ -60,6 +60,10 @@ class UNetConfig:
     conv_resample: bool = True
 
     def __post_init__(self) -> None:
+        if self.use_causal_attention:
+            raise ConfigError("unet: use_causal_attention=True is not supported (temporal attention is bidirectional)")
+        if self.addition_attention and not self.temporal_selfatt_only:
+            raise ConfigError("unet: temporal_selfatt_only=False is not supported (temporal layers are self-attention only)")
         if self.num_head_channels <= 0 and self.num_heads <= 0:
             raise ConfigError("unet: one of num_head_channels or num_heads must be positive")
         if not self.channel_mult:
@@ -91,7 +95,6 @@ class VAEConfig:
     num_res_blocks: int
     double_z: bool = True
     attn_resolutions: tuple[int, ...] = ()
-    resolution: int = 256
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -116,13 +119,21 @@ class ResamplerConfig:
     video_length: int
 
 
+ClipLayer = Literal["last", "penultimate", "pooled"]
+"""Which output of an OpenCLIP tower is used: the text tower's last or penultimate layer; the image tower's
+`pooled` (the official `FrozenOpenCLIPImageEmbedderV2` option, whose output is all its tokens)."""
+
+# The layers each tower implements, by the official config key of the tower.
+_CLIP_LAYERS = {"cond_stage_config": ("last", "penultimate"), "img_cond_stage_config": ("pooled",)}
+
+
 @dataclass(frozen=True)
 class ClipConfig:
     """Which OpenCLIP architecture to build; `model_config` is set for a custom (non-registry) arch."""
 
     arch: str = "ViT-H-14"
     version: str | None = "laion2b_s32b_b79k"
-    layer: Literal["last", "penultimate"] = "penultimate"
+    layer: ClipLayer = "penultimate"
     model_config: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
 
@@ -136,12 +147,9 @@ class DiffusionConfig:
     linear_start: float = 0.00085
     linear_end: float = 0.012
     rescale_betas_zero_snr: bool = True
-    parameterization: Literal["v", "eps"] = "v"
     scale_factor: float = 0.18215
     use_dynamic_rescale: bool = True
     base_scale: float = 0.7
-    perframe_ae: bool = True
-    uncond_type: Literal["empty_seq", "zero_embed"] = "empty_seq"
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,8 @@ def _clip_config(params: dict[str, Any], open_clip_configs: dict[str, Any], name
     arch = params.get("arch", "ViT-H-14")
     version = params.get("version", "laion2b_s32b_b79k")
     layer = params.get("layer", default_layer)
+    if layer not in _CLIP_LAYERS[name]:
+        raise ConfigError(f"config: {name}.layer={layer!r} is not supported (only {' or '.join(map(repr, _CLIP_LAYERS[name]))})")
     return ClipConfig(arch=arch, version=version, layer=layer, model_config=open_clip_configs.get(arch))
 
 
@@ -230,7 +240,7 @@ def config_from_dict(raw: dict[str, Any], open_clip_configs: dict[str, Any] | No
     vae_params = _params(params.pop("first_stage_config"), _VAE_TARGET, "first_stage_config")
     ddconfig = dict(vae_params.pop("ddconfig"))
     ddconfig["embed_dim"] = vae_params.pop("embed_dim")
-    vae = _take(ddconfig, VAEConfig, "first_stage_config.ddconfig")
+    vae = _take(ddconfig, VAEConfig, "first_stage_config.ddconfig", ignore={"resolution"})
     text = _clip_config(
         _params(params.pop("cond_stage_config"), _TEXT_TARGET, "cond_stage_config"), open_clip_configs, "cond_stage_config", "last"
     )
@@ -258,6 +268,9 @@ def config_from_dict(raw: dict[str, Any], open_clip_configs: dict[str, Any] | No
             "scale_by_std", "use_ema", "fps_condition_type", "loop_video", "monitor", "logdir", "ckpt_path",
             "log_every_t", "scheduler_config", "empty_params_only", "use_scale",
         },
+        # read by the official model and implemented here with exactly these values: v-prediction, the empty
+        # prompt as the unconditional text, per-frame VAE encode/decode
+        refuse={"parameterization": "v", "uncond_type": "empty_seq", "perframe_ae": True},
     )
     if resampler.video_length != unet.temporal_length:
         raise ConfigError(

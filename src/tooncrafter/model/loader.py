@@ -17,6 +17,7 @@ from torch import nn
 from tooncrafter.model.checkpoint import (
     CheckpointError,
     component_state_dict,
+    format_keys,
     has_component,
     load_into,
     schedule_buffers,
@@ -93,8 +94,7 @@ def load_components(
     """Load `components` from the official `state` (CLIP from `clip_states` when the checkpoint lacks it)."""
     stray = unknown_keys(state)
     if stray:
-        shown = ", ".join(stray[:20]) + (f", ... ({len(stray) - 20} more)" if len(stray) > 20 else "")
-        raise CheckpointError(f"checkpoint has keys that belong to no ToonCrafter component: {shown}")
+        raise CheckpointError(f"checkpoint has keys that belong to no ToonCrafter component: {format_keys(stray)}")
     builders = _builders(config)
     loaded: dict[str, nn.Module | None] = {}
     for name in ("unet", "vae", "resampler", "text_encoder", "image_encoder"):

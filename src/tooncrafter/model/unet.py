@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tooncrafter.model.config import UNetConfig
+from tooncrafter.model.frames import fold_frames, unfold_frames
 from tooncrafter.model.transformer import TEXT_CONTEXT_LENGTH, SpatialTransformer, TemporalTransformer
 from tooncrafter.model.unet_blocks import Downsample, ResBlock, Upsample, normalization, timestep_embedding
 
@@ -43,12 +44,7 @@ class UNetStage(nn.ModuleList):
             elif isinstance(layer, SpatialTransformer):
                 h = layer(h, context)
             elif isinstance(layer, TemporalTransformer):
-                bt, c, height, width = h.shape
-                # unfold frames: [(B T), C, H, W] -> [B, C, T, H, W]
-                h5 = h.view(bt // num_frames, num_frames, c, height, width).transpose(1, 2)
-                h5 = layer(h5)
-                # fold back: [B, C, T, H, W] -> [(B T), C, H, W]
-                h = h5.transpose(1, 2).reshape(bt, c, height, width)
+                h = fold_frames(layer(unfold_frames(h, num_frames)))
             else:
                 h = layer(h)
         return h
@@ -77,10 +73,6 @@ class UNet3D(nn.Module):
         text_context_len: int = TEXT_CONTEXT_LENGTH,
     ) -> None:
         super().__init__()
-        if config.use_causal_attention:
-            raise ValueError("unet: use_causal_attention=True is not supported (temporal attention is bidirectional)")
-        if config.addition_attention and not config.temporal_selfatt_only:
-            raise ValueError("unet: temporal_selfatt_only=False is not supported (temporal layers are self-attention only)")
         if config.addition_attention and config.num_head_channels <= 0:
             raise ValueError("unet: addition_attention (init_attn) needs num_head_channels > 0 (8 heads of that width)")
         if config.transformer_depth < 1:
@@ -208,7 +200,7 @@ class UNet3D(nn.Module):
         context = self._frame_context(context, num_frames)
 
         # 3. pre-process: fold frames into the batch, [B, C, T, h, w] -> [(B T), C, h, w]
-        h = x.transpose(1, 2).reshape(b * num_frames, -1, height, width)
+        h = fold_frames(x)
 
         # 4. down
         hs = []
@@ -234,4 +226,4 @@ class UNet3D(nn.Module):
 
         # 7. post-process, then unfold frames: [(B T), C, h, w] -> [B, C, T, h, w]
         y = self.out(h).to(x.dtype)  # under autocast the conv runs low precision; hand back x's dtype
-        return y.reshape(b, num_frames, -1, height, width).transpose(1, 2)
+        return unfold_frames(y, num_frames)

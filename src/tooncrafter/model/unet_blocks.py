@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tooncrafter.model.frames import fold_frames, unfold_frames
 from tooncrafter.model.norms import GroupNorm32
 
 
@@ -49,20 +50,23 @@ class TemporalConvBlock(nn.Module):
 
     def __init__(self, channels: int, dropout: float = 0.1) -> None:
         super().__init__()
-        kernel, padding = (3, 1, 1), (1, 0, 0)
-        self.conv1 = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv3d(channels, channels, kernel, padding=padding))
-        self.conv2 = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Dropout(dropout), nn.Conv3d(channels, channels, kernel, padding=padding)
-        )
-        self.conv3 = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Dropout(dropout), nn.Conv3d(channels, channels, kernel, padding=padding)
-        )
-        self.conv4 = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Dropout(dropout), nn.Conv3d(channels, channels, kernel, padding=padding)
-        )
+        self.conv1 = _temporal_stage(channels, None)
+        self.conv2, self.conv3, self.conv4 = (_temporal_stage(channels, dropout) for _ in range(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        h = x
+        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+            h = stage(h)
+        return x + h
+
+
+def _temporal_stage(channels: int, dropout: float | None) -> nn.Sequential:
+    """`GN -> SiLU -> [Dropout] -> Conv3d` with a kernel of 3 along time only (1x1 in space)."""
+    layers: list[nn.Module] = [normalization(channels), nn.SiLU()]
+    if dropout is not None:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
+    return nn.Sequential(*layers)
 
 
 class ResBlock(nn.Module):
@@ -104,12 +108,7 @@ class ResBlock(nn.Module):
         h = self.out_layers(h)
         h = self.skip_connection(x) + h
         if hasattr(self, "temopral_conv"):
-            bt, c, height, width = h.shape
-            # unfold frames: [(B T), C, H, W] -> [B, C, T, H, W]
-            h5 = h.view(bt // num_frames, num_frames, c, height, width).transpose(1, 2)
-            h5 = self.temopral_conv(h5)
-            # fold back: [B, C, T, H, W] -> [(B T), C, H, W]
-            h = h5.transpose(1, 2).reshape(bt, c, height, width)
+            h = fold_frames(self.temopral_conv(unfold_frames(h, num_frames)))
         return h
 
 

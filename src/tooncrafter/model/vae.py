@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tooncrafter.model.config import VAEConfig
+from tooncrafter.model.frames import fold_frames, unfold_frames
 from tooncrafter.model.vae_blocks import (
     Combiner,
     Downsample,
@@ -33,9 +34,7 @@ from tooncrafter.model.vae_blocks import (
     Upsample,
     VideoConv2d,
     VideoResBlock,
-    fold_frames,
     swish,
-    unfold_frames,
     vae_norm,
 )
 
@@ -70,12 +69,9 @@ class EncoderOutput:
     def std(self) -> torch.Tensor:
         return torch.exp(0.5 * self.logvar)
 
-    def sample(self, noise: torch.Tensor | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """`mean + std * noise`; the noise is drawn from `generator` (on its device, then moved) when not given."""
+    def sample(self, noise: torch.Tensor) -> torch.Tensor:
+        """`mean + std * noise`: the posterior sampled with noise drawn by the caller (in the official order)."""
         mean = self.mean
-        if noise is None:
-            device = generator.device if generator is not None else torch.device("cpu")
-            noise = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
         return mean + self.std * noise.to(device=mean.device, dtype=mean.dtype)
 
     def mode(self) -> torch.Tensor:

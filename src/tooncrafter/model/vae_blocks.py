@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tooncrafter.model.attention import sdpa_attention
+from tooncrafter.model.frames import fold_frames, unfold_frames
 from tooncrafter.model.norms import GroupNorm32
 
 # The official `MemoryEfficientCrossAttentionWrapperFusion` is built with its default 8 heads of 64 whatever the
@@ -39,16 +40,6 @@ def vae_norm(channels: int) -> GroupNorm32:
 
 def swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
-
-
-def fold_frames(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, T, H, W] -> [(B T), C, H, W]."""
-    return x.transpose(1, 2).flatten(0, 1)
-
-
-def unfold_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """[(B T), C, H, W] -> [B, C, T, H, W]."""
-    return x.unflatten(0, (-1, num_frames)).transpose(1, 2)
 
 
 class ResnetBlock(nn.Module):

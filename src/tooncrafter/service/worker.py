@@ -366,7 +366,7 @@ class Worker(BackgroundLoop):
             """After every denoising step: the log line, then stop if asked to (cancel, shutdown, lost lease)."""
             self.store.add_log(job.id, f"step {step}/{total}")
             if self._cancelled(job.id):
-                raise GenerationCancelled()
+                raise GenerationCancelled(f"cancelled after step {step} of {total}")
 
         result = self._generator(GenerationRequest.from_input(params, keyframes, seed), on_step=on_step)
 

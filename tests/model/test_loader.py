@@ -18,7 +18,7 @@ from tooncrafter.model.checkpoint import (
 from tooncrafter.model.config import builtin_config
 from tooncrafter.model.loader import build_on_meta, load_components
 
-REFERENCE_KEYS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tooncrafter_512_state_dict.json.gz"
+REFERENCE_KEYS = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "tooncrafter_512_state_dict.json.gz"
 
 
 def test_full_512_model_has_exactly_the_official_keys_and_shapes() -> None:

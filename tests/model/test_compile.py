@@ -12,8 +12,6 @@ import dataclasses
 
 import torch
 
-from tooncrafter.model.checkpoint import read_state_dict
-from tooncrafter.model.loader import load_components
 from tooncrafter.model.unet import UNet3D
 from tooncrafter.pipeline import ToonCrafterPipeline
 
@@ -39,12 +37,13 @@ def test_compiled_unet_matches_eager(fixture_set) -> None:
     assert (compiled - eager).abs().max().item() <= 1e-4 * max(1.0, eager.abs().max().item())
 
 
-def test_pipeline_compile_compiles_the_unet_module(fixture_set) -> None:
-    """`pipeline.compile()` uses `Module.compile` (forward stays the class's own method)."""
-    components = load_components(fixture_set.config, read_state_dict(fixture_set.checkpoint_path))
-    pipeline = ToonCrafterPipeline(components, device="cpu", dtype=torch.float32)
-    unet = pipeline.components.unet
-    assert unet._compiled_call_impl is None
-    pipeline.compile()
+def test_from_pretrained_compile_compiles_the_unet_module(fixture_set) -> None:
+    """`compile=True` uses `Module.compile` on the UNet (forward stays the class's own method)."""
+    plain = ToonCrafterPipeline.from_pretrained(fixture_set.directory, device="cpu", dtype="float32", progress=False)
+    assert plain.components.unet._compiled_call_impl is None
+    compiled = ToonCrafterPipeline.from_pretrained(
+        fixture_set.directory, device="cpu", dtype="float32", compile=True, progress=False
+    )
+    unet = compiled.components.unet
     assert unet._compiled_call_impl is not None
     assert "forward" not in vars(unet)

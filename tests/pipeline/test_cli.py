@@ -12,7 +12,7 @@ import pytest
 
 from tooncrafter.model.config import load_config
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -38,7 +38,7 @@ from tooncrafter.model.sketch_encoder import (
 )
 from tooncrafter.model.unet import UNet3D
 
-FIXTURES = Path(__file__).parent / "fixtures" / "sketch_tiny"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sketch_tiny"
 VARIANTS = ("text", "all")
 
 

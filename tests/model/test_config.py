@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tooncrafter.fixtures import fixtures_dir_from_env
-from tooncrafter.model.config import builtin_config, config_from_dict, load_config
+from tooncrafter.model.config import ConfigError, builtin_config, config_from_dict, load_config
 
 
 def _raw_fixture_config() -> dict:
@@ -42,6 +42,12 @@ def test_fixture_config_reads_sizes_from_the_file() -> None:
         (("unet_config", "params", "some_new_flag"), 1, "some_new_flag"),
         (("unet_config", "target"), "other.UNet", "unet_config.target"),
         (("conditioning_key",), "crossattn", "conditioning_key"),
+        (("parameterization",), "eps", "parameterization"),
+        (("uncond_type",), "zero_embed", "uncond_type"),
+        (("perframe_ae",), False, "perframe_ae"),
+        (("cond_stage_config", "params", "layer"), "pooled", "cond_stage_config.layer"),
+        (("img_cond_stage_config", "params", "layer"), "penultimate", "img_cond_stage_config.layer"),
+        (("unet_config", "params", "use_causal_attention"), True, "use_causal_attention"),
     ],
 )
 def test_unsupported_options_are_refused_by_name(path: tuple[str, ...], value: object, message: str) -> None:
@@ -50,8 +56,12 @@ def test_unsupported_options_are_refused_by_name(path: tuple[str, ...], value: o
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = value
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
+
+
+def test_the_image_tower_layer_is_read_as_pooled() -> None:
+    assert load_config(fixtures_dir_from_env() / "config.yaml").image_encoder.layer == "pooled"
 
 
 def test_mismatched_frame_counts_are_refused() -> None:

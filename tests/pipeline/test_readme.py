@@ -25,7 +25,7 @@ from helpers.service import (
 from tooncrafter.fixtures import DEFAULT_FIXTURES
 from tooncrafter.service.app import create_app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def snippets(section: str, language: str) -> list[str]:

@@ -29,7 +29,7 @@ from tooncrafter.model.config import builtin_config
 from tooncrafter.model.vae import AutoencoderDualRef
 from tooncrafter.model.vae_blocks import FUSION_HEADS, ReferenceFusionAttention
 
-STATE_DICT_LISTING = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tooncrafter_512_state_dict.json.gz"
+STATE_DICT_LISTING = Path(__file__).resolve().parents[3] / "shared" / "reference" / "tooncrafter_512_state_dict.json.gz"
 BATCH_TOLERANCE = 1e-4
 
 

@@ -14,6 +14,7 @@ import torch
 
 from tooncrafter.model.checkpoint import read_state_dict
 from tooncrafter.model.loader import load_components
+from tooncrafter.parity import replay_fixture_run
 from tooncrafter.pipeline import ToonCrafterPipeline
 
 # measured on tiny_a (5 DDIM steps, cfg 7.5): unet_out max 0.127 (3.7% of max|ref| 3.47), video max 0.59 / 0.79 and
@@ -29,19 +30,8 @@ def _pipeline(fixture_set, dtype: torch.dtype) -> ToonCrafterPipeline:
 
 
 def _fixture_video(pipeline: ToonCrafterPipeline, f, run: str = "eta1") -> tuple[torch.Tensor, torch.Tensor]:
-    """Our video for the fixture's pipeline run and the reference one."""
-    frames = pipeline.num_frames
-    steps = len([k for k in f.tensors if k.startswith(f"pipe_{run}_step") and k.endswith("_x_prev")])
-    step_noise = [f[f"pipe_{run}_step{i}_noise"] for i in range(steps)]
-    have_clip = pipeline.components.has_clip
-    video = pipeline.interpolate(
-        torch.cat([f["pipe_keyframe_1"], f["pipe_keyframe_2"]]),
-        prompt=f.meta.get("pipeline_prompt", ""), steps=steps, cfg_scale=7.5, eta=float(run[3:]),
-        motion_steps=int(f["pipe_fs"][0]), posterior_noise=f["pipe_vae_posterior_noise"][[0, frames - 1]],
-        x_T=f["pipe_x_T"], step_noise=step_noise,
-        text_embeddings=None if have_clip else (f["pipe_text_emb_cond"], f["pipe_text_emb_uncond"]),
-        clip_image_tokens=None if have_clip else (f["pipe_clip_image_tokens_cond"], f["pipe_clip_image_tokens_uncond"]),
-    )
+    """Our video for the fixture's pipeline run (the pipeline's steps on the fixture's noise) and the reference one."""
+    video = replay_fixture_run(pipeline.components, pipeline.placement, f, run).video
     return video[0], f[f"pipe_{run}_video_out"]
 
 
@@ -76,7 +66,7 @@ def test_offload_runs_on_cpu_and_changes_nothing(fixture_set) -> None:
     offloaded = ToonCrafterPipeline.from_pretrained(
         fixture_set.directory, device="cpu", dtype="float32", offload=True, progress=False
     )
-    assert offloaded.offload
+    assert offloaded.placement.offload
     a, _ = _fixture_video(plain, fixture_set)
     b, ref = _fixture_video(offloaded, fixture_set)
     assert torch.equal(a, b)

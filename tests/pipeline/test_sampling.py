@@ -16,7 +16,6 @@ from tooncrafter.fixtures import (
     compare,
     fixtures_dir_from_env,
 )
-from tooncrafter.generation import GenerationCancelled
 from tooncrafter.model.checkpoint import read_state_dict, schedule_buffers
 from tooncrafter.model.config import builtin_config
 from tooncrafter.sampling import (
@@ -35,7 +34,7 @@ from tooncrafter.sampling import (
     sample_ddim,
 )
 
-SCHEDULE_FILE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "schedule.safetensors"
+SCHEDULE_FILE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "schedule.safetensors"
 REF_CFG_SCALE = 7.5  # the fixture pipeline's guidance (reference README section 3)
 REF_GUIDANCE_RESCALE = 0.7
 
@@ -288,14 +287,11 @@ def test_sample_ddim_replays_fixture_run(eta, fixture_set, checkpoint_schedule):
         drawn.append(i)
         return replay(i, shape)
 
-    progress: list[tuple[int, int]] = []
     records: list[DDIMStepOutput] = []
-    out = sample_ddim(
-        denoise, x_T, plan, noise_fn, on_step=lambda i, total: progress.append((i, total)), callback=records.append
-    )
+    out = sample_ddim(denoise, x_T, plan, noise_fn, callback=records.append)
     assert calls == plan.timesteps.tolist()
     assert drawn == list(range(n))  # one draw per step, also for eta = 0
-    assert progress == [(i + 1, n) for i in range(n)]
+    assert [(r.index + 1, r.total) for r in records] == [(i + 1, n) for i in range(n)]
     assert [r.index for r in records] == list(range(n)) and records[0].x is x_T
     for r in records:
         s = f"{p}step{r.index}_"
@@ -413,21 +409,22 @@ def test_generator_noise_is_deterministic_per_seed():
     assert torch.equal(first, torch.randn(shape, generator=g2))
 
 
-def test_sample_ddim_cancels_between_steps(checkpoint_schedule):
+def test_an_exception_in_the_callback_stops_the_loop_between_steps(checkpoint_schedule):
+    """How a caller cancels: its callback raises, and no further step runs."""
     plan = ddim_schedule(checkpoint_schedule, 5, 0.0)
     calls: list[int] = []
-    progress: list[int] = []
+
+    class Stop(Exception):
+        pass
 
     def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
         calls.append(t)
         return torch.zeros_like(x)
 
-    with pytest.raises(GenerationCancelled):
-        sample_ddim(
-            denoise,
-            torch.ones(1, 4, 2, 2, 2),
-            plan,
-            on_step=lambda i, n: progress.append(i),
-            should_cancel=lambda: len(calls) >= 2,
-        )
-    assert calls == [999, 799] and progress == [1, 2]
+    def callback(out: DDIMStepOutput) -> None:
+        if out.index + 1 == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        sample_ddim(denoise, torch.ones(1, 4, 2, 2, 2), plan, callback=callback)
+    assert calls == [999, 799]

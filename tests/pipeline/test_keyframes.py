@@ -12,7 +12,7 @@ from tooncrafter.keyframes import (
     frame_picks,
     keyframe_positions,
     plan_windows,
-    validate_keyframe_lengths,
+    check_keyframe_lengths,
 )
 
 
@@ -126,20 +126,20 @@ def check_keyframes_once(picks: list[FramePick], num_keyframes: int, num_frames:
 
 def test_validation_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"has 2 entries but there are 3 keyframes \(one length per keyframe\)"):
-        validate_keyframe_lengths([8, 8], 3, 16)
+        check_keyframe_lengths([8, 8], 3, 16)
     with pytest.raises(ValueError, match="every entry must be >= 1"):
-        validate_keyframe_lengths([16, 0, 0], 3, 16)
+        check_keyframe_lengths([16, 0, 0], 3, 16)
     with pytest.raises(ValueError, match="every entry must be >= 1"):
-        validate_keyframe_lengths([17, -1], 2, 16)
+        check_keyframe_lengths([17, -1], 2, 16)
     with pytest.raises(ValueError, match="must sum to the model's frame count 16, got 15"):
-        validate_keyframe_lengths([5, 5, 5], 3, 16)
+        check_keyframe_lengths([5, 5, 5], 3, 16)
     with pytest.raises(ValueError, match="must sum to the model's frame count 8, got 16"):
-        validate_keyframe_lengths([8, 8], 2, 8)
+        check_keyframe_lengths([8, 8], 2, 8)
     with pytest.raises(ValueError, match="list of integers"):
-        validate_keyframe_lengths([8.0, 8.0], 2, 16)  # type: ignore[list-item]
+        check_keyframe_lengths([8.0, 8.0], 2, 16)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="list of integers"):
-        validate_keyframe_lengths([True, 15], 2, 16)
-    validate_keyframe_lengths([6, 5, 5], 3, 16)  # valid: no error
+        check_keyframe_lengths([True, 15], 2, 16)
+    check_keyframe_lengths([6, 5, 5], 3, 16)  # valid: no error
     # the planning functions validate too
     with pytest.raises(ValueError, match="sum to the model's frame count 16"):
         keyframe_positions(3, 16, [5, 5, 5])
