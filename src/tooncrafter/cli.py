@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database maintenance")
     db.add_argument("action", choices=["upgrade"], help="create or migrate the job store schema")
+
+    keys = sub.add_parser("webhook-keys", help="the keys that sign webhooks (published at /.well-known/jwks.json)")
+    keys.add_argument("action", choices=["list", "rotate"], help="list the published keys, or add a new signing key")
     return parser
 
 
@@ -251,6 +254,23 @@ def _cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_webhook_keys(args: argparse.Namespace) -> int:
+    from tooncrafter.service.jobs import JobStore
+    from tooncrafter.service.webhook_signing import Keyring
+    from tooncrafter.settings import Settings
+
+    store = JobStore(Settings().resolved_database_url)
+    try:
+        keyring = Keyring(store, refresh_s=0)
+        if args.action == "rotate":
+            print(f"new signing key: {keyring.rotate().kid}")
+        for position, key in enumerate(keyring.published()):
+            print(f"{key.kid}\t{'signing' if position == 0 else 'published (previous)'}")
+    finally:
+        store.close()
+    return 0
+
+
 COMMANDS = {
     "generate": _cmd_generate,
     "parity": _cmd_parity,
@@ -258,6 +278,7 @@ COMMANDS = {
     "serve": _cmd_serve,
     "worker": _cmd_worker,
     "db": _cmd_db,
+    "webhook-keys": _cmd_webhook_keys,
 }
 
 

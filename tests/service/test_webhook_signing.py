@@ -60,3 +60,16 @@ def test_keyring_is_shared_through_the_store_and_rotates_with_overlap(tmp_path: 
     finally:
         store_a.close()
         store_b.close()
+
+
+def test_the_cli_rotates_and_lists_the_keys(tmp_path: Path, monkeypatch, capsys) -> None:
+    from tooncrafter.cli import main
+
+    monkeypatch.setenv("TOONCRAFTER_DATA_DIR", str(tmp_path / "data"))
+    assert main(["webhook-keys", "list"]) == 0
+    (first,) = capsys.readouterr().out.splitlines()
+    assert first.startswith("initial\tsigning")
+    assert main(["webhook-keys", "rotate"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    new_kid = lines[0].removeprefix("new signing key: ")
+    assert lines[1:] == [f"{new_kid}\tsigning", "initial\tpublished (previous)"]
