@@ -32,6 +32,7 @@ from helpers.service import (
     wait_until,
 )
 
+from tooncrafter.schema import contract_defaults
 from tooncrafter.service.app import create_app
 from tooncrafter.service.runtime import served_num_frames
 
@@ -62,7 +63,8 @@ def test_page_and_assets_are_served(tmp_path):
 def test_config_tells_whether_a_key_is_needed(tmp_path):
     with TestClient(create_app(make_settings(tmp_path), generator_factory=fake_factory())) as client:
         assert client.get("/playground/config").json() == {
-            "auth_required": False, "num_frames": 16, "endpoint_id": ENDPOINT, "max_keyframes": 16
+            "auth_required": False, "num_frames": 16, "endpoint_id": ENDPOINT, "max_keyframes": 16,
+            "defaults": contract_defaults(),  # the form starts from the schema's defaults, written once there
         }
     settings = make_settings(tmp_path, api_keys=["k1"], checkpoint=str(TINY_CHECKPOINT), endpoint_id="me/toons")
     with TestClient(create_app(settings, generator_factory=fake_factory())) as client:
@@ -226,6 +228,8 @@ def test_banner_when_no_worker_is_alive(browser_dir, tmp_path):
         wait_until(lambda: server.store.live_workers(60) == 1)
         out = run_browser(browser_dir, "banner", server, {}, tmp_path)
     assert out["hidden"] is True and page_errors(out) == []
+    # the form's defaults come from the server's schema
+    assert out["steps"] == str(contract_defaults()["steps"]) and f"Default {contract_defaults()['steps']}." in out["stepsHelp"]
 
 
 def test_docs_page_shows_the_example(browser_dir, tmp_path):

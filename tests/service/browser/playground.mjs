@@ -202,7 +202,12 @@ const scenarios = {
   // The banner that says no worker is running (and that it goes away once one is)
   async banner(page) {
     await open(page);
-    const shown = { hidden: await page.isHidden("#worker-banner"), text: await text(page, "#worker-banner") };
+    const shown = {
+      hidden: await page.isHidden("#worker-banner"),
+      text: await text(page, "#worker-banner"),
+      stepsHelp: await text(page, "#steps-help"),
+      steps: await page.inputValue("#steps"),
+    };
     await page.screenshot({ path: join(artifacts, "banner.png") });
     return shown;
   },

@@ -3,7 +3,7 @@
     GET /                    the page (static/index.html)
     GET /playground/{name}   its script and style sheet (a fixed list: no directory walking)
     GET /playground/config   what the page must know about this server: whether it needs an API
-                             key, the model's frame count and the endpoint id
+                             key, the model's frame count, the endpoint id and the endpoint's defaults
 
 The page itself uses only the public API (uploads through `/storage/upload/initiate`, the queue,
 the status stream, cancel), like any client would: nothing here is a private back door.
@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import FileResponse, JSONResponse
 
-from tooncrafter.schema import MAX_KEYFRAMES
+from tooncrafter.schema import MAX_KEYFRAMES, contract_defaults
 from tooncrafter.service.api.deps import get_runtime
 from tooncrafter.service.runtime import Runtime
 
@@ -49,6 +49,7 @@ def playground_router() -> APIRouter:
                 "num_frames": runtime.num_frames,
                 "endpoint_id": runtime.settings.endpoint_id,
                 "max_keyframes": MAX_KEYFRAMES,
+                "defaults": contract_defaults(),
             }
         )
 

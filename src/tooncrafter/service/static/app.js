@@ -9,7 +9,8 @@ const KEY_STORAGE = "tooncrafter.playground.apiKey";
 const HISTORY_STORAGE = "tooncrafter.playground.history";
 const HISTORY_MAX = 30;
 const FIELDS = ["prompt", "steps", "cfg_scale", "eta", "motion_steps", "fps", "seed", "keyframe_lengths", "keep_all_frames"];
-const DEFAULTS = { prompt: "", steps: 50, cfg_scale: 7.5, eta: 1.0, motion_steps: 10, fps: 8, keep_all_frames: false };
+// The endpoint's defaults come from the server (/playground/config: the schema, written once there).
+let DEFAULTS = {};
 const NUMBER_FIELDS = { steps: "int", cfg_scale: "float", eta: "float", motion_steps: "int", fps: "int", seed: "int" };
 
 const $ = (id) => document.getElementById(id);
@@ -602,6 +603,11 @@ async function loadConfig() {
   try {
     Object.assign(config, await api("GET", `${BASE}/playground/config`));
   } catch { /* an older server: keep the defaults */ }
+  DEFAULTS = config.defaults || {};
+  for (const span of document.querySelectorAll("[data-default]")) {
+    const value = DEFAULTS[span.dataset.default];
+    span.textContent = value === "" ? "empty" : value === false ? "off" : value === true ? "on" : String(value);
+  }
   $("endpoint-id").textContent = config.endpoint_id;
   $("max-keyframes").textContent = config.max_keyframes;
   for (const span of document.querySelectorAll(".num-frames")) span.textContent = config.num_frames;
@@ -683,10 +689,10 @@ function wire() {
 
 async function main() {
   wire();
+  await loadConfig();
   setFormValues({});
   renderKeyframes();
   renderHistory();
-  await loadConfig();
   renderCode();
   await checkWorkers();
   setInterval(checkWorkers, 10000);
