@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     input_max_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest accepted input file.")
     input_timeout_s: float = Field(30.0, gt=0, description="Time limit for fetching one input URL.")
     input_max_redirects: int = Field(5, ge=0, description="Redirects followed when fetching an input URL.")
+    request_max_pixels: int = Field(
+        64_000_000,
+        gt=0,
+        description="Pixels of all keyframes of one request together (each is resized to the model's size; "
+        "this bounds the memory one request can take while decoding).",
+    )
     max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Largest file accepted by the upload endpoint.")
 
     # --- jobs and workers ----------------------------------------------------------------------

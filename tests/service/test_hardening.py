@@ -131,3 +131,27 @@ def test_a_spoofed_host_is_a_400_unless_public_url_decides(tmp_path) -> None:
         with running.client(headers={"Host": "evil.example"}) as client:
             urls = client.post(Q, json={"keyframe_image_urls": two_keyframes()}).json()
         assert urls["status_url"].startswith("https://toons.example.com/queue/") and "evil" not in str(urls)
+
+
+def test_the_pixel_budget_covers_all_keyframes_of_a_request(tmp_path) -> None:
+    """Each image under the per-image cap, together over the request's budget: a 422, nothing decoded."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def big_png(size: tuple[int, int]) -> str:
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (9, 9, 9)).save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    settings = make_settings(tmp_path, request_max_pixels=500_000)
+    with running_server(create_app(settings, generator_factory=fake_factory())) as running, running.client() as client:
+        over = client.post(Q, json={"keyframe_image_urls": [big_png((600, 500)), big_png((600, 500))], "steps": 1}).json()
+        under = client.post(Q, json={"keyframe_image_urls": [big_png((400, 500)), big_png((400, 500))], "steps": 1}).json()
+        from helpers.service import wait_until
+
+        wait_until(lambda: all(running.store.get(r["request_id"]).status == "COMPLETED" for r in (over, under)), timeout_s=30)
+        refused = client.get(over["response_url"].replace(running.base_url, ""))
+        assert refused.status_code == 422 and "TOONCRAFTER_REQUEST_MAX_PIXELS" in refused.json()["detail"][0]["msg"]
+        assert client.get(under["response_url"].replace(running.base_url, "")).status_code == 200

@@ -142,6 +142,19 @@ def _fetch_url(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an image's header alone: nothing is decoded (for budgets across images)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(data))) as image:
+                return image.size
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"image refused as a decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise MediaError("data is not an image in a format Pillow can read") from exc
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes to an RGB PIL image the way a person would expect to see it.
 

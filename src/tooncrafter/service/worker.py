@@ -42,7 +42,7 @@ from tooncrafter.generation import (
     random_seed,
 )
 from tooncrafter.logs import request_id_var
-from tooncrafter.media.images import decode_image
+from tooncrafter.media.images import decode_image, image_size
 from tooncrafter.schema import (
     ContractError,
     File,
@@ -407,12 +407,26 @@ class Worker(BackgroundLoop):
             return await asyncio.gather(*tasks, return_exceptions=True)
 
         fetched = asyncio.run(fetch_all())
-        images = []
         for index, data in enumerate(fetched):
             if isinstance(data, InputError):
                 raise field_error(["keyframe_image_urls", index], f"could not load keyframe {index}: {data}")
             if isinstance(data, BaseException):
                 raise data
+        total = 0
+        for index, data in enumerate(fetched):  # the request's pixel budget, from the headers, before decoding any
+            try:
+                width, height = image_size(data)
+            except ValueError as exc:
+                raise field_error(["keyframe_image_urls", index], f"keyframe {index} is not a usable image: {exc}") from exc
+            total += width * height
+            if total > self.settings.request_max_pixels:
+                raise field_error(
+                    ["keyframe_image_urls"],
+                    f"the keyframes have more than {self.settings.request_max_pixels} pixels together "
+                    f"(TOONCRAFTER_REQUEST_MAX_PIXELS); send smaller images (each is resized to the model's size anyway)",
+                )
+        images = []
+        for index, data in enumerate(fetched):
             try:
                 images.append(decode_image(data))
             except ValueError as exc:
