@@ -100,8 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--out", default=None, help="JSON file to write (default: benchmarks/results/<size>.json)")
+    parser.add_argument("--official-src", default=None,
+                        help="the official code (a work tree or git dir of Doubiiu/ToonCrafter): run it side by side")
+    parser.add_argument("--official-python", default=None,
+                        help="Python of the official code's venv (default: $TOONCRAFTER_OFFICIAL_PYTHON)")
+    parser.add_argument("--official-rev", default="HEAD", help="revision to extract when --official-src is a git dir")
+    parser.add_argument("--weights-bfloat16", default=None,
+                        help="with --official-src: ours in bf16 loads this pre-converted file (tooncrafter convert --dtype bfloat16)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.official_src:
+        return official_main(args)
+    print("[bench] baseline: OUR OWN IMITATION of the official code (benchmarks/baseline.py), not the official code; "
+          "give --official-src to compare with the real thing", flush=True)
 
     size = prepare(args.size, args.checkpoint)
     base_spec = {
@@ -147,6 +158,36 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=1))
     print(f"\n{args.size}, {args.steps} steps, {args.device} ({report['gpu'] or report['cpu_model']}, {args.threads} threads)")
     print(table(results, ratios))
+    print(f"\nwritten: {out}")
+    for failure in failures:
+        print(f"PARITY FAILURE: {failure}")
+    return 1 if failures else 0
+
+
+def official_main(args) -> int:
+    """`--official-src`: ours against the official code itself (benchmarks/side_by_side.py)."""
+    from benchmarks.official_source import resolve_official_source
+    from benchmarks.side_by_side import run_side_by_side, table
+    from benchmarks.sizes import CACHE_DIR
+
+    source = resolve_official_source(args.official_src, args.official_python, CACHE_DIR, args.official_rev)
+    with tempfile.TemporaryDirectory(prefix="tc-bench-") as tmp:
+        args.workdir = tmp
+        report, failures = run_side_by_side(args, source, lambda spec, tag: run_worker(spec, Path(tmp), tag))
+    report.update({
+        "date": datetime.date.today().isoformat(), "size": args.size, "steps": args.steps, "device": "cpu",
+        "cpu_model": cpu_model(), "threads": args.threads, "torch": torch.__version__,
+        "load_average_at_end": os.getloadavg(),
+    })
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"{args.size}-vs-official.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"\n{args.size}, {args.steps} steps, eta 0, cpu ({report['cpu_model']}, {args.threads} threads), "
+          f"official commit {source.commit}; ours / official < 1 means ours is faster or smaller")
+    print(table(report["results"]))
+    print()
+    for line in report["targets"]:
+        print(line)
     print(f"\nwritten: {out}")
     for failure in failures:
         print(f"PARITY FAILURE: {failure}")
