@@ -3,7 +3,8 @@
 This is the only module that knows the key prefixes of the official `LatentVisualDiffusion`
 state dict. Files are read without executing pickled code (`weights_only=True`) and memory-mapped
 (`mmap=True`, or safetensors), and modules are built on the `meta` device and receive the tensors
-with `assign=True`: the weights are never held twice in RAM.
+with `assign=True`: the weights are never held twice in RAM (a tensor converted to another dtype or
+device gives its mapped source pages back at once, `mapped_pages.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+
+from tooncrafter.model.mapped_pages import MappedPages
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +160,13 @@ def load_into(
     if bad_shapes:
         raise CheckpointError(f"{component}: shape mismatch: {'; '.join(bad_shapes[:20])}")
     converted = {}
+    mapped = MappedPages()
     for key, value in state.items():
         target_dtype = dtype if (dtype is not None and value.is_floating_point()) else value.dtype
         converted[key] = value.to(device=device, dtype=target_dtype)
+        if converted[key].untyped_storage().data_ptr() != value.untyped_storage().data_ptr():
+            # a converted copy: the source pages of a memory-mapped file are not needed again
+            mapped.release(value)
     module.load_state_dict(converted, strict=True, assign=True)
     leftovers = [name for name, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if leftovers:
