@@ -40,6 +40,7 @@ from tooncrafter.generation import (
 from tooncrafter.media import preprocess_keyframe, video_to_frames
 from tooncrafter.model.checkpoint import has_component, read_state_dict
 from tooncrafter.model.config import ToonCrafterConfig, builtin_config, load_config
+from tooncrafter.model.cpu_prepack import prepack_convolutions
 from tooncrafter.model.loader import ToonCrafterComponents, load_components
 from tooncrafter.sampling import (
     DDIMStepOutput,
@@ -178,6 +179,8 @@ class ToonCrafterPipeline:
         components = load_components(config, state, device=load_device, dtype=dtype, clip_states=clip_states)
         if offload:
             components.unet.to(device)
+        elif device.type == "cpu" and dtype != torch.float32 and not compile:
+            prepack_convolutions(components.unet)  # oneDNN-packed weights: the UNet's bf16 convs (cpu_prepack.py)
         pipeline = cls(components, device=device, dtype=dtype, offload=offload)
         if compile:
             pipeline.compile()
