@@ -1,5 +1,9 @@
 """`python -m benchmarks.run --size tiny|mid|full [--dtype float32,bfloat16] [--steps N] [--out results.json]`
 
+With `--official-src PATH --official-python PY` (tiny or mid, CPU) it runs the OFFICIAL code side by side on
+the same official-format checkpoint, inputs and noise, one fresh process each, and prints every stage as
+ours / official (`side_by_side.py`). Without it, the baseline is OUR OWN IMITATION of the official code:
+
 Runs the same request (two synthetic keyframes, fixed seed and prompt, cfg 7.5, eta 1) with the
 official-style baseline (`baseline.py`, fp32) and with our pipeline in each `--dtype`, every run in a fresh
 subprocess, checks that the videos agree (fp32: within the pipeline parity tolerance 1e-3; other dtypes:

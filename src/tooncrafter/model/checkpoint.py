@@ -194,12 +194,23 @@ def inspect_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor] | Non
     )
 
 
-def convert_to_safetensors(source: str | Path, target: str | Path) -> int:
-    """Write every tensor of `source` to a `.safetensors` file with the same keys; returns the count."""
+def convert_to_safetensors(source: str | Path, target: str | Path, dtype: torch.dtype | None = None) -> int:
+    """Write every tensor of `source` to a `.safetensors` file with the same keys; returns the count.
+
+    `dtype` (e.g. bf16) casts the floating point weights, so that a low-precision pipeline reads half the bytes
+    and holds no fp32 copy at all; the schedule buffers stay fp32 (the sampler's alphas need the precision).
+    """
     from safetensors.torch import save_file
 
     state = read_state_dict(source)
-    # safetensors refuses tensors sharing storage; the official checkpoint has none, but be safe.
-    contiguous = {k: v.contiguous() for k, v in state.items()}
-    save_file(contiguous, str(target), metadata={"format": "pt", "source": Path(source).name})
-    return len(contiguous)
+    mapped = MappedPages()
+    converted = {}
+    for key, value in state.items():
+        if dtype is not None and value.is_floating_point() and key not in SCHEDULE_BUFFERS:
+            converted[key] = value.to(dtype).contiguous()
+            mapped.release(value)  # the fp32 source pages are not needed again
+        else:
+            # safetensors refuses tensors sharing storage; the official checkpoint has none, but be safe.
+            converted[key] = value.contiguous()
+    save_file(converted, str(target), metadata={"format": "pt", "source": Path(source).name})
+    return len(converted)
