@@ -13,11 +13,9 @@ The sampler math (`sampling.py`) is shared: the DDIM update is negligible next t
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 
 from tooncrafter.model.attention import math_attention, set_attention_function
 from tooncrafter.model.checkpoint import component_state_dict, schedule_buffers
@@ -28,7 +26,6 @@ from tooncrafter.model.unet import UNet3D
 from tooncrafter.model.vae import AutoencoderDualRef
 from tooncrafter.decoding import decode_with_splice
 from tooncrafter.denoising import GUIDANCE_RESCALE
-from tooncrafter.media.tensors import preprocess_keyframe, video_to_frames
 from tooncrafter.sampling import (
     NoiseSchedule,
     ddim_schedule,
@@ -65,7 +62,7 @@ class OfficialStyleBaseline:
     @torch.no_grad()
     def __call__(
         self,
-        images: Sequence[Image.Image],
+        pixels: torch.Tensor,
         *,
         prompt: str,
         steps: int,
@@ -74,12 +71,12 @@ class OfficialStyleBaseline:
         motion_steps: int,
         generator: torch.Generator,
         on_step: Callable[[int, int], None] | None = None,
-    ) -> np.ndarray:
-        """Two keyframe images -> uint8 frames `[T, H, W, 3]` (same noise draws as our pipeline)."""
+    ) -> torch.Tensor:
+        """Two keyframes `[2, 3, H, W]` -> video `[1, 3, T, H, W]` (same noise draws as our pipeline)."""
         cfg = self.config
         frames, (h, w), channels = cfg.num_frames, cfg.latent_size, cfg.diffusion.channels
         dev = self.device
-        pixels = torch.stack([preprocess_keyframe(image, *cfg.pixel_size) for image in images]).to(dev)
+        pixels = pixels.to(dev)
         # official input video: key 1 repeated T/2 times, then key 2
         video = torch.cat([pixels[:1].expand(frames // 2, -1, -1, -1), pixels[1:].expand(frames - frames // 2, -1, -1, -1)])
         posterior_noise = randn_tensor((frames, channels, h, w), generator, "cpu", torch.float32)
@@ -109,9 +106,9 @@ class OfficialStyleBaseline:
             return guide(v_c, v_u, cfg_scale, GUIDANCE_RESCALE)[1]
 
         plan = ddim_schedule(self.schedule, steps, eta)
-        progress = None if on_step is None else (lambda out: on_step(out.index + 1, out.total))
-        latents = sample_ddim(denoise, x_T.to(dev), plan, generator_noise(generator, dev, torch.float32), callback=progress)
+        latents = sample_ddim(denoise, x_T.to(dev), plan, generator_noise(generator, dev, torch.float32),
+                              callback=(lambda out: on_step(out.index + 1, out.total)) if on_step else None)
 
         # the two full decodes and the middle-frame splice
         full = decode_with_splice(self.vae, latents / cfg.diffusion.scale_factor, refs, chunk_frames=frames)
-        return video_to_frames(full[0].cpu())
+        return full

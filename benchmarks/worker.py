@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.measure import StageClock, cpu_seconds, reset_peak_rss, rss_mb
+
 
 def keyframes(height: int, width: int) -> list[Image.Image]:
     """Two deterministic, smooth keyframes (a moving disc over a gradient) at the model size."""
@@ -27,12 +29,6 @@ def keyframes(height: int, width: int) -> list[Image.Image]:
         base[disc] = (0.9, 0.2, 0.1)
         images.append(Image.fromarray((base * 255).astype(np.uint8)))
     return images
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process (user + system, all threads): robust to other load on a shared machine."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _sync(device: torch.device) -> None:
@@ -64,36 +60,68 @@ def unet_flops(unet: torch.nn.Module, config, text_length: int, device: torch.de
     return int(counter.get_total_flops())
 
 
+def _inputs(spec: dict, config) -> tuple[torch.Tensor, dict]:
+    """Preprocessed keyframes `[2, 3, H, W]` and the noise options of the request.
+
+    With `spec["inputs"]` (a side-by-side run) the keyframes, the posterior noise of all T frames and x_T come
+    from that file, as the official worker reads them; otherwise synthetic keyframes and a seeded generator.
+    """
+    if spec.get("inputs"):
+        given = torch.load(spec["inputs"], weights_only=True)
+        frames = given["x_T"].shape[2]
+        # the official code encodes all T frames; ours the two distinct keyframes: their noise is frames 0 and T-1
+        # (the generator only feeds the per-step draws, which eta 0 multiplies by 0)
+        noise = {"posterior_noise": given["posterior_noise"][[0, frames - 1]], "x_T": given["x_T"],
+                 "generator": torch.Generator("cpu").manual_seed(spec["seed"])}
+        return given["pixels"], noise
+    from tooncrafter.media.tensors import preprocess_keyframe
+
+    pixels = torch.stack([preprocess_keyframe(im, *config.pixel_size) for im in keyframes(*config.pixel_size)])
+    return pixels, {"generator": torch.Generator("cpu").manual_seed(spec["seed"])}
+
+
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
+    import benchmarks.composed as composed
     from tooncrafter.model.config import load_config
     from tooncrafter.pipeline import ToonCrafterPipeline
     from tooncrafter.placement import resolve_dtype
 
     dtype = resolve_dtype(spec["dtype"], device)
     ckpt_dir = Path(spec["checkpoint_dir"])
+    weights = Path(spec.get("weights") or ckpt_dir)
+    rss_before = rss_mb()
 
     # 1. load
     _sync(device)
     t0, c0 = time.perf_counter(), cpu_seconds()
     if spec["mode"] == "ours":
         pipe = ToonCrafterPipeline.from_pretrained(
-            ckpt_dir, device=device, dtype=dtype, offload=spec["offload"], compile=spec["compile"], progress=False
+            weights, device=device, dtype=dtype, offload=spec["offload"], compile=spec["compile"], progress=False
         )
-        config, unet, text_encoder = pipe.config, pipe.components.unet, pipe.components.text_encoder
+        config, parts = pipe.config, pipe.components
+        unet, vae, resampler = parts.unet, parts.vae, parts.resampler
+        text_encoder, image_encoder = parts.text_encoder, parts.image_encoder
     else:
         from benchmarks.baseline import OfficialStyleBaseline
 
         config = load_config(ckpt_dir / "config.yaml")
         pipe = OfficialStyleBaseline(config, str(ckpt_dir / "model.ckpt"), device)
-        unet, text_encoder = pipe.unet, pipe.text_encoder
+        unet, vae, resampler = pipe.unet, pipe.vae, pipe.resampler
+        text_encoder, image_encoder = pipe.text_encoder, pipe.image_encoder
     _sync(device)
     load_s, load_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
+    rss_load = rss_mb()
 
-    # 2. one whole request (keyframe images -> uint8 frames), timing every step
-    images = keyframes(*config.pixel_size)
+    # 2. one whole request (preprocessed keyframes -> float video), timing every stage and step
+    pixels, noise = _inputs(spec, config)
+    clock = StageClock(sync=lambda: _sync(device))
+    for module, label in ((text_encoder, "text_encoder"), (image_encoder, "image_encoder"), (resampler, "resampler")):
+        clock.wrap(module, "forward", label)
+    clock.wrap(vae, "encode", "vae_encode")
+    clock.wrap(vae, "decode", "vae_decode")
     stamps: list[float] = []
     cpu_stamps: list[float] = []
 
@@ -102,47 +130,63 @@ def main(spec_path: str, out_path: str) -> None:
         stamps.append(time.perf_counter())
         cpu_stamps.append(cpu_seconds())
 
+    if spec["mode"] == "ours":
+        sampler_owner = composed
+    else:
+        import benchmarks.baseline as sampler_owner
+    sample_ddim = sampler_owner.sample_ddim
+
+    def timed_sample_ddim(*args, **kwargs):  # the sampling loop starts: step 1's clock starts here
+        on_step(0, 0)
+        return sample_ddim(*args, **kwargs)
+
+    sampler_owner.sample_ddim = timed_sample_ddim
     options = dict(
         prompt=spec["prompt"], steps=spec["steps"], cfg_scale=spec["cfg_scale"], eta=spec["eta"],
-        motion_steps=spec["motion_steps"],
+        motion_steps=spec["motion_steps"], on_step=on_step, **noise,
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    peak_reset = reset_peak_rss()
     _sync(device)
     t1, c1 = time.perf_counter(), cpu_seconds()
     if spec["mode"] == "ours":
-        from tooncrafter.generation import GenerationRequest
-
-        frames = pipe(GenerationRequest(keyframes=images, seed=spec["seed"], **options), on_step=on_step).frames
+        video = composed.interpolate_pixels(pipe, pixels, **options)
     else:
-        frames = pipe(images, **options, generator=torch.Generator("cpu").manual_seed(spec["seed"]), on_step=on_step)
+        video = pipe(pixels, **options)
     _sync(device)
     request_s, request_cpu_s = time.perf_counter() - t1, cpu_seconds() - c1
-    # step i's time = between the ends of steps i-1 and i (the first step, which also pays first-touch costs,
-    # is left out of the median)
+    sampler_owner.sample_ddim = sample_ddim
+    clock.restore()
     step_times = [b - a for a, b in zip(stamps, stamps[1:])]
     step_cpu_times = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])]
 
     # 3. memory, before the FLOP count (which runs the math attention)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_end = rss_mb()
+    peak_rss_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_end["peak_rss_mb"])
     peak_vram_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
     # 4. FLOPs of one batch-1 UNet call (a step is two of them, batched or not)
     flops = unet_flops(unet, config, text_encoder.context_length, device, dtype) if spec["flops"] else None
 
-    torch.save(torch.from_numpy(frames), spec["video_out"])
-    step_s = statistics.median(step_times) if step_times else None
-    step_cpu_s = statistics.median(step_cpu_times) if step_cpu_times else None
+    torch.save(video.float().cpu(), spec["video_out"])
+    # the median leaves out step 1, which for ours also pays the first touch of the memory-mapped weights
+    step_s = statistics.median(step_times[1:] or step_times) if step_times else None
+    step_cpu_s = statistics.median(step_cpu_times[1:] or step_cpu_times) if step_cpu_times else None
     result = {
-        "mode": spec["mode"], "dtype": str(dtype).replace("torch.", ""), "device": str(device),
-        "load_s": load_s, "request_s": request_s, "step_s": step_s, "step_times_s": step_times,
+        "impl": spec["mode"], "mode": spec["mode"], "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        "weights": weights.name, "load_s": load_s, "request_s": request_s, "step_s": step_s,
+        "step_each_s": step_times, "step_times_s": step_times,
         "load_cpu_s": load_cpu_s, "request_cpu_s": request_cpu_s, "step_cpu_s": step_cpu_s,
-        "step_cpu_times_s": step_cpu_times,
+        "step_each_cpu_s": step_cpu_times, "step_cpu_times_s": step_cpu_times, **clock.summary(),
+        "rss_before_load_mb": rss_before["rss_mb"], "rss_after_load_mb": rss_load["rss_mb"],
+        "peak_rss_load_mb": rss_load["peak_rss_mb"],
+        "peak_rss_request_mb": rss_end["peak_rss_mb"] if peak_reset else None,
         "peak_rss_mb": peak_rss_mb, "peak_vram_mb": peak_vram_mb,
         "unet_call_flops": flops,
         "step_flops": 2 * flops if flops else None,  # cond + uncond
         "achieved_tflops": (2 * flops / step_s / 1e12) if (flops and step_s) else None,
-        "frames_shape": list(frames.shape),
+        "video_shape": list(video.shape), "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     Path(out_path).write_text(json.dumps(result, indent=1))
 

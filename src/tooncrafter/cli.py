@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a model.ckpt to .safetensors (same keys)")
     conv.add_argument("source", type=Path, metavar="IN.ckpt")
     conv.add_argument("target", type=Path, metavar="OUT.safetensors")
+    conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                      help="cast the weights (not the noise schedule) to this dtype; default: keep the file's")
 
     serve = sub.add_parser("serve", help="run the fal-compatible HTTP API (and, by default, a worker)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -201,7 +203,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     if args.target.suffix != ".safetensors":
         raise UsageError("OUT: the target must end in .safetensors")
-    count = convert_to_safetensors(args.source, args.target)
+    import torch
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    count = convert_to_safetensors(args.source, args.target, dtype=dtype)
     print(f"wrote {count} tensors to {args.target}")
     return 0
 

@@ -82,3 +82,18 @@ def test_pickle_with_code_is_refused(tmp_path: Path) -> None:
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         read_state_dict(tmp_path / "nope.ckpt")
+
+
+def test_convert_to_bf16_casts_weights_but_keeps_the_schedule_fp32(fixture_set, tmp_path: Path) -> None:
+    from tooncrafter.model.checkpoint import SCHEDULE_BUFFERS, convert_to_safetensors, read_state_dict
+
+    out = tmp_path / "model.safetensors"
+    convert_to_safetensors(fixture_set.checkpoint_path, out, dtype=torch.bfloat16)
+    source, converted = read_state_dict(fixture_set.checkpoint_path), read_state_dict(out)
+    assert source.keys() == converted.keys()
+    for key, value in source.items():
+        if key in SCHEDULE_BUFFERS or not value.is_floating_point():
+            assert converted[key].dtype == value.dtype and torch.equal(converted[key], value), key
+        else:
+            assert converted[key].dtype == torch.bfloat16, key
+            assert torch.equal(converted[key], value.to(torch.bfloat16)), key

@@ -149,3 +149,16 @@ def test_convert_writes_safetensors_that_load_the_same(fixture_set, tmp_path: Pa
     assert proc.returncode == 0, proc.stderr
     a, b = read_state_dict(fixture_set.checkpoint_path), read_state_dict(out)
     assert a.keys() == b.keys()
+
+
+def test_convert_dtype_bfloat16_halves_the_weights(fixture_set, tmp_path: Path) -> None:
+    import torch
+
+    from tooncrafter.model.checkpoint import read_state_dict
+
+    out = tmp_path / "model.safetensors"
+    proc = _run("convert", str(fixture_set.checkpoint_path), str(out), "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    state = read_state_dict(out)
+    assert state["model.diffusion_model.out.2.weight"].dtype == torch.bfloat16
+    assert state["alphas_cumprod"].dtype == torch.float32

