@@ -100,14 +100,17 @@ class OfficialCode:
         finally:
             sys.path[:] = [p for p in sys.path if p not in (str(script_dir), os.path.join(str(script_dir), "..", ".."))]
             sys.path.insert(0, str(tree))
-        import lvdm.distributions
-        import lvdm.models.samplers.ddim as ddim
-        import lvdm.modules.attention
+        # The official tree's own packages and its venv's omegaconf: not dependencies of this project (this file
+        # runs under the official code's interpreter), so they are imported by name.
         import open_clip
-        from omegaconf import OmegaConf
+
+        distributions = importlib.import_module("lvdm.distributions")
+        ddim = importlib.import_module("lvdm.models.samplers.ddim")
+        attention = importlib.import_module("lvdm.modules.attention")
+        OmegaConf = importlib.import_module("omegaconf").OmegaConf
 
         self.ddim, self.open_clip, self.OmegaConf = ddim, open_clip, OmegaConf
-        self.Gaussian = lvdm.distributions.DiagonalGaussianDistribution
+        self.Gaussian = distributions.DiagonalGaussianDistribution
 
         def register_buffer(sampler, name, attr):
             if type(attr) == torch.Tensor:  # noqa: E721  (as the official method tests it)
@@ -115,7 +118,7 @@ class OfficialCode:
             setattr(sampler, name, attr)
 
         ddim.DDIMSampler.register_buffer = register_buffer
-        lvdm.modules.attention.XFORMERS_IS_AVAILBLE = False  # the UNet branch of a CPU install
+        attention.XFORMERS_IS_AVAILBLE = False  # the UNet branch of a CPU install
 
     def register_clip_archs(self, directory: Path) -> None:
         for file in sorted(directory.glob("*.json")):
