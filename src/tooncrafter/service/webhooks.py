@@ -26,9 +26,6 @@ from tooncrafter.settings import Settings
 logger = logging.getLogger(__name__)
 
 
-WebhookURLError = OutboundURLError
-
-
 def check_webhook_url(url: str) -> None:
     """At submit: an absolute http(s) URL with a valid host and port (`fal_webhook`'s 422 otherwise).
 

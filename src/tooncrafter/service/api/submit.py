@@ -24,7 +24,8 @@ from tooncrafter.service.inputs import InputError, decode_data_uri
 from tooncrafter.service.jobs import Job
 from tooncrafter.service.jobs.tables import PRIORITIES
 from tooncrafter.service.runtime import Runtime
-from tooncrafter.service.webhooks import WebhookURLError, check_webhook_url
+from tooncrafter.service.outbound import OutboundURLError
+from tooncrafter.service.webhooks import check_webhook_url
 from tooncrafter.settings import Settings
 
 
@@ -86,7 +87,7 @@ def enqueue(
     if webhook_url is not None:
         try:
             check_webhook_url(webhook_url)
-        except WebhookURLError as exc:
+        except OutboundURLError as exc:
             raise ProtocolError(422, {"detail": [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "value_error"}], "message": str(exc)}) from exc
     job = runtime.store.submit(
         priority=queue_priority(request),

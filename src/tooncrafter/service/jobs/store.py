@@ -491,10 +491,12 @@ class JobStore:
 
     # --- live workers -------------------------------------------------------------------------------
 
-    def worker_check_in(self, worker_id: str, hostname: str) -> None:
-        """Record that `worker_id` is running now (insert on the first call, renew after)."""
+    def worker_check_in(self, worker_id: str, hostname: str, *, forget_after_s: float = 3600.0) -> None:
+        """Record that `worker_id` is running now (insert on the first call, renew after); rows of workers
+        not seen for `forget_after_s` (killed without checking out) are forgotten on the way."""
         now = time.time()
         with self.engine.begin() as conn:
+            conn.execute(delete(workers_table).where(workers_table.c.last_seen_at < now - forget_after_s))
             renewed = conn.execute(
                 update(workers_table).where(workers_table.c.worker_id == worker_id).values(last_seen_at=now)
             ).rowcount
@@ -514,10 +516,9 @@ class JobStore:
             conn.execute(delete(workers_table).where(workers_table.c.worker_id == worker_id))
 
     def live_workers(self, within_s: float) -> int:
-        """Workers that checked in during the last `within_s` seconds; rows much older are forgotten."""
+        """Workers that checked in during the last `within_s` seconds (a read only: probes call it often)."""
         now = time.time()
-        with self.engine.begin() as conn:
-            conn.execute(delete(workers_table).where(workers_table.c.last_seen_at < now - max(within_s * 10, 3600.0)))
+        with self.engine.connect() as conn:
             return conn.execute(
                 select(func.count()).select_from(workers_table).where(workers_table.c.last_seen_at >= now - within_s)
             ).scalar_one()
