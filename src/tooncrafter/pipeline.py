@@ -31,6 +31,7 @@ from tooncrafter.media.tensors import preprocess_keyframe, video_to_frames
 from tooncrafter.model.checkpoint import has_component, read_state_dict
 from tooncrafter.model.config import ToonCrafterConfig, builtin_config, load_config
 from tooncrafter.model.cpu_prepack import prepack_convolutions
+from tooncrafter.model.gemm_conv import use_gemm_convolutions
 from tooncrafter.model.loader import ToonCrafterComponents, load_components
 from tooncrafter.placement import Placement, resolve_device, resolve_dtype
 from tooncrafter.sampling import DDIMStepOutput, ddim_schedule, generator_noise, randn_tensor, sample_ddim
@@ -96,8 +97,10 @@ class ToonCrafterPipeline:
         components = load_components(config, state, device=load_device, dtype=dtype, clip_states=clip_states)
         if offload:
             components.unet.to(device)
-        elif device.type == "cpu" and dtype != torch.float32 and not compile:
-            prepack_convolutions(components.unet)  # oneDNN-packed weights: the UNet's bf16 convs (cpu_prepack.py)
+        if device.type == "cpu" and not compile:
+            use_gemm_convolutions(components.unet)  # the deep levels' tiny maps as one GEMM (gemm_conv.py)
+            if dtype != torch.float32:
+                prepack_convolutions(components.unet)  # oneDNN-packed weights for the other bf16 convs (cpu_prepack.py)
         if compile:
             components.unet.compile(dynamic=False)
         return cls(components, device=device, dtype=dtype, offload=offload)
