@@ -14,6 +14,7 @@ by sampling one window per adjacent pair (keyframes.py), all windows in one batc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +25,7 @@ from PIL import Image
 
 from tooncrafter import keyframes as keyframe_plan
 from tooncrafter.conditioning import ConditionEncoder
+from tooncrafter.cpu_allocator import reuse_freed_memory
 from tooncrafter.decoding import decode_latents
 from tooncrafter.denoising import guided_denoiser, noise_schedule
 from tooncrafter.generation import GenerationRequest, GenerationResult, ProgressCallback
@@ -33,6 +35,7 @@ from tooncrafter.model.config import ToonCrafterConfig, builtin_config, load_con
 from tooncrafter.model.cpu_prepack import prepack_convolutions
 from tooncrafter.model.gemm_conv import use_gemm_convolutions
 from tooncrafter.model.loader import ToonCrafterComponents, load_components
+from tooncrafter.model.mapped_pages import release_module_pages
 from tooncrafter.placement import Placement, resolve_device, resolve_dtype
 from tooncrafter.sampling import DDIMStepOutput, ddim_schedule, generator_noise, randn_tensor, sample_ddim
 
@@ -120,6 +123,11 @@ class ToonCrafterPipeline:
         """Keyframes + options -> uint8 frames `[F, H, W, 3]`. `on_step(step, total)` follows every denoising
         step; an exception raised in it (e.g. `GenerationCancelled`) stops the request there."""
         device = self.placement.device
+        with reuse_freed_memory() if device.type == "cpu" else contextlib.nullcontext():
+            return self._generate(request, on_step)
+
+    def _generate(self, request: GenerationRequest, on_step: ProgressCallback | None) -> GenerationResult:
+        device = self.placement.device
         # 1. plan, preprocess, noise
         num_keyframes = len(request.keyframes)
         windows = keyframe_plan.plan_windows(num_keyframes)
@@ -143,7 +151,10 @@ class ToonCrafterPipeline:
             denoise, x_T.to(device), plan, generator_noise(generator, device, torch.float32), callback=_progress(on_step)
         )
 
-        # 4. decode each window against its two references, then pick the output frames
+        # 4. decode each window against its two references, then pick the output frames; the UNet's mapped
+        # fp32 pages are not read again in this request: back to the page cache with them (CPU peak memory)
+        if device.type == "cpu":
+            release_module_pages(self.components.unet)
         videos = decode_latents(
             self.components.vae, latents, cond.ref_context,
             scale_factor=self.config.diffusion.scale_factor, placement=self.placement,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tooncrafter.model.checkpoint import load_into
-from tooncrafter.model.mapped_pages import MappedPages
+from tooncrafter.model.mapped_pages import PAGE, MappedPages, release_module_pages
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux")
 
@@ -60,3 +60,19 @@ def test_load_into_with_conversion_releases_the_mapped_source(tmp_path):
     assert grown_kb < 12 * 2**10
     assert target.weight.dtype == torch.bfloat16
     assert torch.equal(target.weight, layer.weight.detach().to(torch.bfloat16))
+
+
+@linux_only
+def test_release_module_pages_gives_back_a_mapped_component_and_it_still_runs(tmp_path):
+    layer = nn.Linear(1024, 1024)
+    torch.save(layer.state_dict(), tmp_path / "layer.ckpt")
+    state = torch.load(tmp_path / "layer.ckpt", mmap=True, weights_only=True)
+    with torch.device("meta"):
+        mapped = nn.Linear(1024, 1024)
+    mapped.load_state_dict(state, assign=True)
+    x = torch.randn(3, 1024)
+    expected = layer(x)
+    assert torch.equal(mapped(x), expected)  # pages touched
+    assert release_module_pages(mapped) >= 1024 * 1024 * 4 - 2 * PAGE
+    assert torch.equal(mapped(x), expected)  # read back from the file
+    assert release_module_pages(nn.Linear(1024, 1024)) == 0  # heap weights: never

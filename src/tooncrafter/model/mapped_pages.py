@@ -67,3 +67,16 @@ class MappedPages:
             return
         if self._madvise(first, last - first, MADV_DONTNEED) == 0:
             self.released_bytes += last - first
+
+
+def release_module_pages(module: torch.nn.Module) -> int:
+    """Give back the mapped file pages under `module`'s parameters and buffers; returns the bytes released.
+
+    For a component that a request no longer reads (the UNet once sampling is done, during the decodes): its
+    pages go back to the page cache, where the next request finds them again for the price of a minor fault.
+    Converted or device copies are not file pages and are never touched.
+    """
+    pages = MappedPages()
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        pages.release(tensor)
+    return pages.released_bytes
