@@ -18,10 +18,16 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
@@ -131,7 +137,7 @@ def metrics_router() -> APIRouter:
     router = APIRouter(tags=["service"])
 
     @router.get(METRICS_PATH, include_in_schema=False)
-    def metrics(request: Request, runtime: Runtime = Depends(get_runtime)) -> Response:
+    def metrics(request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
         """Prometheus text format (OpenMetrics when the scraper asks for it); a sync route: the reads run in the threadpool."""
         require_metrics_token(runtime.settings, request.headers.get("authorization"))
         registry = CollectorRegistry(auto_describe=False)
