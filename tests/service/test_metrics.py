@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from helpers.metrics import Samples, labelled, value
+from helpers.metrics import scrape as scrape_with
 from helpers.service import (
     ENDPOINT,
     TINY_CHECKPOINT,
@@ -29,7 +31,6 @@ from helpers.service import (
     two_keyframes,
     wait_until,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from tooncrafter.generation import GenerationRequest, GenerationResult, ProgressCallback
 from tooncrafter.service.app import create_app
@@ -44,29 +45,9 @@ Q = f"/queue/{ENDPOINT}"
 STEPS = 2
 HOLD = "hold at step 1"
 
-Samples = dict[tuple[str, frozenset], float]
 
-
-def scrape(client: httpx.Client | TestClient) -> tuple[dict[str, str], Samples]:
-    """(type by family name, value by (sample name, labels)) of one scrape, parsed by prometheus_client."""
-    response = client.get("/metrics", headers=AUTH)
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    types, samples = {}, {}
-    for family in text_string_to_metric_families(response.text):
-        types[family.name] = family.type
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return types, samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
-
-
-def labelled(samples: Samples, name: str) -> dict[frozenset, float]:
-    return {labels: v for (sample, labels), v in samples.items() if sample == name}
-
+def scrape(client: Any) -> tuple[dict[str, str], Samples]:
+    return scrape_with(client, TOKEN)
 
 class Receiver:
     """Loopback HTTP: POST /flaky fails once then accepts, POST /down always fails, GET answers 404."""
