@@ -9,6 +9,7 @@ The PostgreSQL test with two API processes is in test_scaleout_service.py.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -293,3 +294,11 @@ def test_a_histogram_keeps_counts_stored_under_bounds_it_no_longer_has() -> None
     histogram = snapshot.histogram(stored.RUN_SECONDS, (1.0, 5.0, 10.0))
     assert histogram.buckets == [(1.0, 2), (5.0, 2), (10.0, 3), (math.inf, 4)]  # 7 s counts under le=10
     assert histogram.count == 4 and histogram.sum == 20.0
+
+
+def test_the_readme_lists_every_metric_and_only_those(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path, metrics_token=TOKEN), with_worker=False)) as client:
+        types, _ = scrape(client)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(tooncrafter_\w+)` \| (\w+) \|", readme, re.MULTILINE)}
+    assert table == {name + ("_total" if kind == "counter" else ""): kind for name, kind in types.items()}  # names and types
