@@ -302,3 +302,22 @@ def test_the_readme_lists_every_metric_and_only_those(tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(tooncrafter_\w+)` \| (\w+) \|", readme, re.MULTILINE)}
     assert table == {name + ("_total" if kind == "counter" else ""): kind for name, kind in types.items()}  # names and types
+
+
+def test_a_failing_measurement_does_not_make_a_worker_look_dead(tmp_path: Path) -> None:
+    from tooncrafter.service.jobs import JobStore
+    from tooncrafter.service.worker import _CheckIn
+
+    def broken_report() -> WorkerReport:
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+    store = JobStore(make_settings(tmp_path).resolved_database_url)
+    check_in = _CheckIn(store, "worker-1", period_s=0.05, report=broken_report)
+    check_in.start()
+    try:
+        wait_until(lambda: store.live_workers(within_s=30) == 1)
+        snapshot = stored.read_snapshot(store.engine, alive_within_s=30)
+        assert [(w.worker_id, w.report) for w in snapshot.workers] == [("worker-1", WorkerReport())]
+    finally:
+        check_in.stop()
+        store.close()

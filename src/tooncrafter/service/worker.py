@@ -160,8 +160,12 @@ class _CheckIn(BackgroundLoop):
     def run_forever(self) -> None:
         hostname = socket.gethostname()
         while not self._stop.is_set():
+            report = None
             try:
                 report = self.report() if self.report is not None else None
+            except Exception as exc:  # noqa: BLE001 - a failed measurement must not make the worker look dead
+                logger.warning("worker report for /metrics failed: %s", exc)
+            try:
                 self.store.worker_check_in(self.worker_id, hostname, report=report)
             except Exception as exc:
                 logger.warning("worker check-in failed: %s", exc)

@@ -72,7 +72,7 @@ WEBHOOK_RESULTS: tuple[WebhookResult, ...] = ("delivered", "retrying", "failed")
 # --- counting (inside the caller's transaction) -------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Increment:
     """Add `amount` to the counter row (`name`, `labels`)."""
 
