@@ -59,9 +59,9 @@ from tooncrafter.service.jobs import (
     Job,
     JobOutcome,
     JobStore,
+    WorkerReport,
     field_error_body,
 )
-from tooncrafter.service.jobs.metrics import WorkerReport
 from tooncrafter.service.storage.base import Storage, public_file_url
 from tooncrafter.settings import Settings
 

@@ -519,11 +519,8 @@ class JobStore:
             return
         try:
             with self.engine.begin() as conn:
-                conn.execute(
-                    insert(workers_table).values(
-                        worker_id=worker_id, hostname=hostname, started_at=now, last_seen_at=now, **measured
-                    )
-                )
+                row = {"worker_id": worker_id, "hostname": hostname, "started_at": now, "last_seen_at": now}
+                conn.execute(insert(workers_table).values(**row, **measured))
         except IntegrityError:  # a concurrent first check-in of the same id: the row is there now
             pass
 
