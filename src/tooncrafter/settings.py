@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         "one of these (comma list; '*.example.com' matches subdomains, '*' anything); any other Host is a 400.",
     )
     sse_keepalive_s: float = Field(15.0, gt=0, description="Seconds between `: ping` comments on status streams.")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token that GET /metrics (Prometheus) requires, apart from the API keys: a scraper "
+        "sends `Authorization: Bearer <token>`; absent = /metrics answers 404.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as plain text or one JSON object per line.")
 
     # --- connection and request limits of the embedded server (`tooncrafter serve`) -------------

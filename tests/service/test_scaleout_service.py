@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from helpers.metrics import labelled, scrape, value
 from helpers.service import (
     FakeGenerator,
     fake_factory,
@@ -476,3 +477,35 @@ def test_sigterm_lets_the_running_job_finish_once_then_the_worker_exits(tmp_path
             assert store.live_workers(60) == 0  # it checked out on its way
         finally:
             store.close()
+
+
+def test_two_api_processes_report_the_same_metrics(tmp_path, pg_url, s3_endpoint):
+    """/metrics lives in the database: two API processes on one PostgreSQL answer the same figures,
+    which count the jobs and steps of two worker processes and a webhook delivered by either."""
+    receiver = Receiver()
+    with cluster(tmp_path, pg_url, s3_endpoint) as running, httpx.Client(timeout=30) as client, contextlib.closing(receiver):
+        running.env["TOONCRAFTER_METRICS_TOKEN"] = token = "metrics-token"
+        apis = running.start_apis(2, wait=False)
+        running.start_workers(2)
+        running.wait_for_apis()
+        body = {"keyframe_image_urls": [png_data_uri(), png_data_uri((9, 9, 9))], "steps": 3}
+        ids = [
+            client.post(f"{apis[i % 2]}{Q}", json=body, params={"fal_webhook": receiver.url} if i == 0 else None).json()["request_id"]
+            for i in range(4)
+        ]
+        wait_until(lambda: all(client.get(f"{apis[1]}{Q}/requests/{rid}/status").json()["status"] == "COMPLETED" for rid in ids),
+                   timeout_s=60, interval_s=0.2)
+        wait_until(lambda: len(receiver.received) == 1, timeout_s=30)
+
+        def settled() -> dict | None:
+            """The figures both processes answer alike, once the webhook's attempt and both workers' check-ins are in."""
+            first, second = (scrape(client, token, f"{api}/metrics")[1] for api in apis)
+            done = value(first, "tooncrafter_workers_live") == 2
+            done &= value(first, "tooncrafter_webhook_attempts_total", result="delivered") == 1
+            return first if done and first == second else None
+
+        first = wait_until(settled, timeout_s=30)
+        assert labelled(first, "tooncrafter_jobs_finished_total") == {frozenset({("status", "completed"), ("status_code", "200")}): 4}
+        assert value(first, "tooncrafter_denoising_steps_total") == 12
+        assert value(first, "tooncrafter_job_run_seconds_count") == value(first, "tooncrafter_job_queue_wait_seconds_count") == 4
+        assert value(first, "tooncrafter_queue_depth", priority="normal") == value(first, "tooncrafter_jobs_running") == 0

@@ -8,6 +8,7 @@ as Starlette's lifespan state; routes take what they need through the typed depe
 
 Where things are
     app.py        this factory: middleware, error handlers, /health, the routers in order
+                  (/metrics: `api.metrics`, behind its own token)
     runtime.py    the resources built from settings (shared with `tooncrafter worker` and tests)
     api/          the HTTP surface: `queue`, `run`, `files`, `playground` routers; `protocol` (fal's
                   bodies and `ProtocolError`), `sse`, `submit` (checks, then queue), `deps`
@@ -63,6 +64,7 @@ from tooncrafter.schema import describe_error
 from tooncrafter.service.api.deps import LifespanState, get_runtime, require_owner
 from tooncrafter.service.api.files import files_router
 from tooncrafter.service.api.limits import RequestLimits, TrustedHosts
+from tooncrafter.service.api.metrics import metrics_router
 from tooncrafter.service.api.playground import playground_router
 from tooncrafter.service.api.protocol import (
     QUEUE_PREFIX,
@@ -210,6 +212,7 @@ def create_app(
         return JSONResponse(jwks(runtime.keyring.published()), headers={"Cache-Control": "public, max-age=300"})
 
     # order matters: the queue and file routes before the run route's catch-all `/{owner}/{alias}/...`
+    app.include_router(metrics_router())  # its own token (METRICS_TOKEN), never the API keys
     app.include_router(playground_router())
     app.include_router(queue_router())
     app.include_router(files_router(auth_dependency=require_owner))

@@ -52,12 +52,14 @@ from tooncrafter.schema import (
     describe_error,
 )
 from tooncrafter.service.background import BackgroundLoop
+from tooncrafter.service.gpu_memory import generator_device, gpu_memory
 from tooncrafter.service.inputs import FetchLimits, InputError, fetch_input
 from tooncrafter.service.jobs import (
     CANCELLED_OUTCOME,
     Job,
     JobOutcome,
     JobStore,
+    WorkerReport,
     field_error_body,
 )
 from tooncrafter.service.storage.base import Storage, public_file_url
@@ -139,23 +141,32 @@ class _Heartbeat:
 
 
 class _CheckIn(BackgroundLoop):
-    """Tells the job store every `period_s` that a worker is alive, and that it left when it stops.
+    """Tells the job store every `period_s` that a worker is alive, with what it measured (`report`,
+    for /metrics; `notify` sends a fresh one at once), and that it left when it stops.
 
     A thread of its own, so that a long model step never makes a busy worker look dead to /health."""
 
     thread_name = "tooncrafter-worker-check-in"
 
-    def __init__(self, store: JobStore, worker_id: str, period_s: float) -> None:
+    def __init__(
+        self, store: JobStore, worker_id: str, period_s: float, report: Callable[[], WorkerReport] | None = None
+    ) -> None:
         super().__init__()
         self.store = store
         self.worker_id = worker_id
         self.period_s = period_s
+        self.report = report
 
     def run_forever(self) -> None:
         hostname = socket.gethostname()
         while not self._stop.is_set():
+            report = None
             try:
-                self.store.worker_check_in(self.worker_id, hostname)
+                report = self.report() if self.report is not None else None
+            except Exception as exc:  # noqa: BLE001 - a failed measurement must not make the worker look dead
+                logger.warning("worker report for /metrics failed: %s", exc)
+            try:
+                self.store.worker_check_in(self.worker_id, hostname, report=report)
             except Exception as exc:
                 logger.warning("worker check-in failed: %s", exc)
             self._wake.wait(self.period_s)
@@ -200,6 +211,9 @@ class Worker(BackgroundLoop):
         self._draining = threading.Event()
         self._hand_back_at: float | None = None
         self.ready = threading.Event()
+        self._check_in: _CheckIn | None = None
+        self.steps_per_second: float | None = None
+        """Denoising steps per second of the running (else the last) job, counting its conditioning."""
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -234,7 +248,7 @@ class Worker(BackgroundLoop):
         finally:
             self.ready.set()
         logger.info("worker %s ready", self.worker_id)
-        check_in = _CheckIn(self.store, self.worker_id, self.settings.worker_checkin_s)
+        check_in = self._check_in = _CheckIn(self.store, self.worker_id, self.settings.worker_checkin_s, self.report)
         check_in.start()
         try:
             while not self._stop.is_set() and not self._draining.is_set():
@@ -249,6 +263,18 @@ class Worker(BackgroundLoop):
         finally:
             check_in.stop()
 
+    def report(self) -> WorkerReport:
+        """What the check-in sends for /metrics: the step rate and, on a CUDA device, the GPU memory."""
+        memory = gpu_memory(generator_device(self._generator, self.settings.device))
+        if memory is None:
+            return WorkerReport(steps_per_second=self.steps_per_second)
+        return WorkerReport(
+            steps_per_second=self.steps_per_second,
+            gpu_memory_allocated_bytes=memory.allocated_bytes,
+            gpu_memory_reserved_bytes=memory.reserved_bytes,
+            gpu_memory_peak_bytes=memory.peak_bytes,
+        )
+
     # --- one job ------------------------------------------------------------------------------
 
     def run_once(self) -> bool:
@@ -258,6 +284,8 @@ class Worker(BackgroundLoop):
         if job is None:
             return False
         self._run_job(job)
+        if self._check_in is not None:
+            self._check_in.notify()  # the job's step rate and GPU peak reach /metrics now
         return True
 
     def _housekeeping(self) -> None:
@@ -362,9 +390,16 @@ class Worker(BackgroundLoop):
         seed = params.seed if params.seed is not None else random_seed()
         self.store.add_log(job.id, f"Generating with seed {seed}")
 
+        generating_since = last_step_at = time.perf_counter()
+
         def on_step(step: int, total: int) -> None:
-            """After every denoising step: the log line, then stop if asked to (cancel, shutdown, lost lease)."""
-            self.store.add_log(job.id, f"step {step}/{total}")
+            """After every denoising step: the log line and the step's time (metrics), then stop if asked
+            to (cancel, shutdown, lost lease). Step 1's time includes the conditioning before it."""
+            nonlocal last_step_at
+            now = time.perf_counter()
+            self.store.add_step(job.id, step, total, now - last_step_at)
+            last_step_at = now
+            self.steps_per_second = step / max(now - generating_since, 1e-9)
             if self._cancelled(job.id):
                 raise GenerationCancelled(f"cancelled after step {step} of {total}")
 

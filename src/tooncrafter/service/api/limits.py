@@ -20,6 +20,8 @@ from tooncrafter.settings import Settings
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _TOKEN_ROUTES = ("/storage/upload/put/", "/storage/upload/multipart/")  # authorised by the signed token in the path
+# Answer whatever Host they are asked under (they build no URL from it): a scraper reaches each pod by its address.
+_ANY_HOST_PATHS = frozenset({"/metrics"})
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -111,7 +113,7 @@ class TrustedHosts:
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.settings.public_url:
+        if scope["type"] != "http" or self.settings.public_url or scope["path"] in _ANY_HOST_PATHS:
             await self.app(scope, receive, send)
             return
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")

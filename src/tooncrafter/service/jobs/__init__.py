@@ -1,5 +1,6 @@
 """The durable job store (see `store`): requests, their logs, results, pending webhooks and live workers."""
 
+from tooncrafter.service.jobs.metrics import WorkerReport
 from tooncrafter.service.jobs.migrate import migrate_engine
 from tooncrafter.service.jobs.records import (
     CANCELLED_OUTCOME,
@@ -27,6 +28,7 @@ __all__ = [
     "JobStore",
     "LogEntry",
     "PendingWebhook",
+    "WorkerReport",
     "field_error_body",
     "metadata",
     "migrate_engine",

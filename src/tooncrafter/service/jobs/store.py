@@ -44,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
+from tooncrafter.service.jobs import metrics
 from tooncrafter.service.jobs.migrate import migrate_engine
 from tooncrafter.service.jobs.records import (
     CANCELLED_OUTCOME,
@@ -204,6 +205,12 @@ class JobStore:
         with self.engine.begin() as conn:
             conn.execute(_log_insert(job_id, message, level))
 
+    def add_step(self, job_id: str, step: int, total: int, seconds: float) -> None:
+        """A denoising step's log line (`step 3/50`) and its count and seconds in the metrics, together."""
+        with self.engine.begin() as conn:
+            conn.execute(_log_insert(job_id, f"step {step}/{total}", "INFO"))
+            metrics.bump(conn, metrics.denoising_steps(1, seconds))
+
     # --- workers ----------------------------------------------------------------------------------
 
     def claim(self, worker_id: str, lease_s: float) -> Job | None:
@@ -319,10 +326,12 @@ class JobStore:
                 inference_time=outcome.inference_time,
                 file_keys_json=json.dumps(list(outcome.file_keys)),
             )
-            .returning(jobs_table.c.webhook_url)
+            .returning(jobs_table.c.webhook_url, jobs_table.c.created_at, jobs_table.c.started_at)
         ).first()
         if updated is None:
             return False
+        counted = metrics.finished_job(outcome.status_code, outcome.error_type, updated.created_at, updated.started_at, now)
+        metrics.bump(conn, counted)  # counted with the completion itself: never lost, never twice
         webhook_url = updated.webhook_url
         if webhook_url:
             conn.execute(
@@ -471,12 +480,14 @@ class JobStore:
         """Record an attempt: delivered, to be retried at `retry_at`, or failed for good (`retry_at` None)."""
         if delivered:
             values: dict[str, Any] = {"state": "delivered", "last_error": None}
+            result: metrics.WebhookResult = "delivered"
         elif retry_at is not None:
-            values = {"next_attempt_at": retry_at, "last_error": error}
+            values, result = {"next_attempt_at": retry_at, "last_error": error}, "retrying"
         else:
-            values = {"state": "failed", "last_error": error}
+            values, result = {"state": "failed", "last_error": error}, "failed"
         with self.engine.begin() as conn:
             conn.execute(update(webhooks_table).where(webhooks_table.c.seq == seq).values(**values))
+            metrics.bump(conn, metrics.webhook_attempt(result))
 
     def webhook_states(self, job_id: str) -> list[tuple[str, int, str | None]]:
         """(state, attempts, last_error) of each webhook of a job, for tests and diagnostics."""
@@ -491,22 +502,25 @@ class JobStore:
 
     # --- live workers -------------------------------------------------------------------------------
 
-    def worker_check_in(self, worker_id: str, hostname: str, *, forget_after_s: float = 3600.0) -> None:
-        """Record that `worker_id` is running now (insert on the first call, renew after); rows of workers
-        not seen for `forget_after_s` (killed without checking out) are forgotten on the way."""
+    def worker_check_in(
+        self, worker_id: str, hostname: str, *, forget_after_s: float = 3600.0, report: metrics.WorkerReport | None = None
+    ) -> None:
+        """Record that `worker_id` is running now (insert on the first call, renew after), with what it
+        measured (`report`, for /metrics); rows of workers not seen for `forget_after_s` (killed without
+        checking out) are forgotten on the way."""
         now = time.time()
+        measured = (report or metrics.WorkerReport()).columns()
         with self.engine.begin() as conn:
             conn.execute(delete(workers_table).where(workers_table.c.last_seen_at < now - forget_after_s))
             renewed = conn.execute(
-                update(workers_table).where(workers_table.c.worker_id == worker_id).values(last_seen_at=now)
+                update(workers_table).where(workers_table.c.worker_id == worker_id).values(last_seen_at=now, **measured)
             ).rowcount
         if renewed:
             return
         try:
             with self.engine.begin() as conn:
-                conn.execute(
-                    insert(workers_table).values(worker_id=worker_id, hostname=hostname, started_at=now, last_seen_at=now)
-                )
+                row = {"worker_id": worker_id, "hostname": hostname, "started_at": now, "last_seen_at": now}
+                conn.execute(insert(workers_table).values(**row, **measured))
         except IntegrityError:  # a concurrent first check-in of the same id: the row is there now
             pass
 
@@ -559,6 +573,6 @@ class JobStore:
         return [(row[0], row[1]) for row in rows]
 
 
-def upgrade_database(settings: "Settings") -> None:
+def upgrade_database(settings: Settings) -> None:
     """Create or migrate the configured job store to the latest schema (the `tooncrafter db upgrade` command)."""
     JobStore(settings.resolved_database_url, migrate=True).close()

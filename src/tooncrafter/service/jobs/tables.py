@@ -4,6 +4,7 @@ a test checks that the two agree), and fal's three job statuses."""
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -96,4 +97,17 @@ workers_table = Table(
     Column("hostname", String(255), nullable=False),
     Column("started_at", Float, nullable=False),
     Column("last_seen_at", Float, nullable=False, index=True),
+    # what the worker measured at its last check-in (/metrics); NULL when it has nothing to say (no GPU, no job yet)
+    Column("steps_per_second", Float),
+    Column("gpu_memory_allocated_bytes", BigInteger),
+    Column("gpu_memory_reserved_bytes", BigInteger),
+    Column("gpu_memory_peak_bytes", BigInteger),
+)
+
+metrics_table = Table(
+    "service_metrics",  # cumulative counters of the whole deployment (/metrics), bumped in the transaction that counts
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("labels", String(255), primary_key=True),  # the label set as sorted JSON; "{}" for none
+    Column("value", Float, nullable=False),
 )
