@@ -131,6 +131,9 @@ def test_a_spoofed_host_is_a_400_unless_public_url_decides(tmp_path) -> None:
         with running.client(headers={"Host": "evil.example"}) as client:
             spoofed = client.post(Q, json={"keyframe_image_urls": two_keyframes()})
         assert spoofed.status_code == 400 and "TOONCRAFTER_PUBLIC_URL" in spoofed.json()["message"]
+        with running.client(headers={"Host": "10.1.2.3:8000"}) as probe:  # a kubelet probe: the pod's address
+            assert probe.get("/health/live").status_code == 200
+            assert probe.get("/health").status_code in (200, 503)  # answered, whatever the Host
         with running.client() as client:
             assert client.post(Q, json={"keyframe_image_urls": two_keyframes()}).json()["status_url"].startswith(running.base_url)
     settings = make_settings(tmp_path, public_url="https://toons.example.com")

@@ -20,8 +20,9 @@ from tooncrafter.settings import Settings
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _TOKEN_ROUTES = ("/storage/upload/put/", "/storage/upload/multipart/")  # authorised by the signed token in the path
-# Answer whatever Host they are asked under (they build no URL from it): a scraper reaches each pod by its address.
-_ANY_HOST_PATHS = frozenset({"/metrics"})
+# Answer whatever Host they are asked under (they build no URL from it): kubelet probes and a scraper reach
+# each pod by its address.
+_ANY_HOST_PATHS = frozenset({"/metrics", "/health", "/health/live"})
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
