@@ -217,7 +217,7 @@ def test_metrics_need_their_own_token_and_are_off_without_one(tmp_path: Path) ->
         # the token opens nothing else, and answers under any Host (a scraper reaches each pod by its address)
         assert client.post(Q, json={}, headers=AUTH).status_code == 401
         assert client.get("/metrics", headers={**AUTH, "Host": "10.1.2.3:8000"}).status_code == 200
-        assert client.get("/health/live", headers={"Host": "10.1.2.3:8000"}).status_code == 400
+        assert client.get(f"{Q}/requests/x/status", headers={"Host": "10.1.2.3:8000"}).status_code == 400  # builds URLs
         response = client.get("/metrics", headers={**AUTH, "Accept": "application/openmetrics-text; version=1.0.0"})
         assert response.headers["content-type"].startswith("application/openmetrics-text")
         assert response.text.rstrip().endswith("# EOF")
