@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from tooncrafter import keyframes as keyframe_plan
+from tooncrafter.batching import UNetBatcher
 from tooncrafter.conditioning import ConditionEncoder
 from tooncrafter.cpu_allocator import reuse_freed_memory
 from tooncrafter.decoding import decode_latents
@@ -65,6 +67,7 @@ class ToonCrafterPipeline:
         self.placement = Placement(torch.device(device), dtype, offload)
         self.schedule = noise_schedule(components)
         self._encoder = ConditionEncoder(components, self.placement)
+        self._unet = UNetBatcher(components.unet)  # the UNet, merging the calls of concurrent requests (batching.py)
 
     @classmethod
     def from_pretrained(
@@ -126,6 +129,36 @@ class ToonCrafterPipeline:
         with reuse_freed_memory() if device.type == "cpu" else contextlib.nullcontext():
             return self._generate(request, on_step)
 
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], *, on_step: Sequence[ProgressCallback | None] | None = None
+    ) -> list[GenerationResult | BaseException]:
+        """Run several requests at once, their UNet calls merged into one per step (`batching.py`).
+
+        Each request keeps its own seed, conditioning, decode and `on_step` (an exception raised there, e.g.
+        `GenerationCancelled`, stops that request only). Returns, in order, each request's result or the
+        exception that ended it. Requests with the same `steps` run in lockstep and merge every call.
+        """
+        callbacks = list(on_step) if on_step is not None else [None] * len(requests)
+        if len(callbacks) != len(requests):
+            raise ValueError(f"generate_batch: {len(requests)} requests but {len(callbacks)} callbacks")
+        outcomes: list[GenerationResult | BaseException] = [RuntimeError("not run")] * len(requests)
+
+        def run(index: int) -> None:
+            try:
+                outcomes[index] = self(requests[index], on_step=callbacks[index])
+            except BaseException as exc:  # handed back to the caller, in order
+                outcomes[index] = exc
+            finally:
+                self._unet.leave()
+
+        self._unet.join(len(requests))  # all members before any starts: no request runs a step alone
+        threads = [threading.Thread(target=run, args=(i,), name=f"generate-{i}") for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return outcomes
+
     def _generate(self, request: GenerationRequest, on_step: ProgressCallback | None) -> GenerationResult:
         device = self.placement.device
         # 1. plan, preprocess, noise
@@ -146,14 +179,14 @@ class ToonCrafterPipeline:
 
         # 3. guided DDIM sampling
         plan = ddim_schedule(self.schedule, request.steps, request.eta)
-        denoise = guided_denoiser(self.components.unet, cond, request.cfg_scale, self.placement.dtype)
+        denoise = guided_denoiser(self._unet, cond, request.cfg_scale, self.placement.dtype)
         latents = sample_ddim(
             denoise, x_T.to(device), plan, generator_noise(generator, device, torch.float32), callback=_progress(on_step)
         )
 
         # 4. decode each window against its two references, then pick the output frames; the UNet's mapped
         # fp32 pages are not read again in this request: back to the page cache with them (CPU peak memory)
-        if device.type == "cpu":
+        if device.type == "cpu" and self._unet.members <= 1:  # (not while other requests of a batch still sample)
             release_module_pages(self.components.unet)
         videos = decode_latents(
             self.components.vae, latents, cond.ref_context,
