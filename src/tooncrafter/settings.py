@@ -97,6 +97,12 @@ class Settings(BaseSettings):
         "this bounds the memory one request can take while decoding).",
     )
     max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Largest file accepted by the upload endpoint.")
+    input_inline_max_bytes: int = Field(
+        16 * 1024,
+        ge=0,
+        description="A request's input (JSON) larger than this is stored as a file in the storage backend and the "
+        "job row keeps its key, so status reads never carry it (0 = always a file).",
+    )
 
     # --- jobs and workers ----------------------------------------------------------------------
     result_retention_s: float = Field(

@@ -311,3 +311,44 @@ def npm_project_dir(directory: Path, package: str) -> Path:
 def js_client_dir() -> Path:
     """tests/service/js with @fal-ai/client installed."""
     return npm_project_dir(JS_DIR, "@fal-ai/client")
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """moto's S3 server (the real S3 HTTP API) on 127.0.0.1:<free port>, with boto3's test credentials
+    in the environment while it runs; yields its endpoint URL."""
+    import pytest
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in S3_ENV.items():
+            mp.setenv(name, value)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+def fresh_bucket(endpoint: str) -> str:
+    """A new empty bucket on the S3 server at `endpoint`."""
+    import uuid
+
+    import boto3
+
+    bucket = f"tc-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return bucket
+
+
+def storage_settings(kind: str, s3_endpoint: str | None) -> dict[str, Any]:
+    """Settings overrides for files on local disk (`local`) or in a fresh bucket of `s3_endpoint` (`s3`)."""
+    if kind == "local":
+        return {}
+    assert s3_endpoint is not None
+    return {"storage_url": f"s3://{fresh_bucket(s3_endpoint)}/files", "s3_endpoint_url": s3_endpoint}

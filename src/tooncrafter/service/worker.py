@@ -61,6 +61,7 @@ from tooncrafter.service.jobs import (
     field_error_body,
 )
 from tooncrafter.service.storage.base import Storage, public_file_url
+from tooncrafter.service.stored_inputs import StoredInputMissing, load_input
 from tooncrafter.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -346,7 +347,9 @@ class Worker(BackgroundLoop):
     def _execute(self, job: Job, started: float) -> JobOutcome:
         assert self._generator is not None
         try:
-            params = ToonCrafterInput.model_validate(job.input)
+            params = ToonCrafterInput.model_validate(load_input(self.storage, job))
+        except StoredInputMissing as exc:
+            raise JobFailed(500, {"detail": str(exc)}, str(exc), "input_missing") from exc
         except ValidationError as exc:  # validated at submit; only an older server's row lands here
             first = exc.errors()[0]
             raise field_error(list(first["loc"]), describe_error(first), first["type"]) from exc
