@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         "one of these (comma list; '*.example.com' matches subdomains, '*' anything); any other Host is a 400.",
     )
     sse_keepalive_s: float = Field(15.0, gt=0, description="Seconds between `: ping` comments on status streams.")
+    max_streams_per_key: int = Field(
+        8,
+        ge=1,
+        description="Open event streams (status streams and streaming runs) per API key and API process; "
+        "past it a new stream is a 429 until one ends.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as plain text or one JSON object per line.")
 
     # --- connection and request limits of the embedded server (`tooncrafter serve`) -------------
