@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     result_retention_s: float = Field(
         24 * 3600.0, gt=0, description="How long finished requests (result, logs, output files) are kept."
     )
+    upload_retention_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="How long uploaded files (and parts of multipart uploads never completed) are kept.",
+    )
     lease_s: float = Field(60.0, gt=0, description="A running job whose worker has not renewed its lease for this long is requeued.")
     heartbeat_s: float | None = Field(None, gt=0, description="Lease renewal period; absent = lease_s / 3.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job (lease expiries included) before it fails for good.")
@@ -121,7 +126,7 @@ class Settings(BaseSettings):
     cancel_poll_s: float = Field(
         0.5, ge=0, description="A running job reads its cancel flag from the database at most this often (checked between steps)."
     )
-    purge_interval_s: float = Field(60.0, gt=0, description="How often expired results are deleted.")
+    purge_interval_s: float = Field(60.0, gt=0, description="How often expired results and uploads are deleted.")
     worker_grace_s: float = Field(
         300.0,
         ge=0,

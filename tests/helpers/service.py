@@ -184,7 +184,7 @@ class RunningServer:
         verify: Any = True
         if self.tls is not None:
             verify = ssl.create_default_context(cafile=str(self.tls.ca_pem))
-        return httpx.Client(base_url=self.base_url, verify=verify, timeout=30, **kwargs)
+        return httpx.Client(base_url=self.base_url, verify=verify, **{"timeout": 30, **kwargs})
 
 
 @contextlib.contextmanager

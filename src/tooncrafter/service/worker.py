@@ -60,7 +60,7 @@ from tooncrafter.service.jobs import (
     JobStore,
     field_error_body,
 )
-from tooncrafter.service.storage.base import Storage, public_file_url
+from tooncrafter.service.storage.base import UPLOAD_KEY_PREFIX, Storage, public_file_url
 from tooncrafter.service.stored_inputs import StoredInputMissing, load_input
 from tooncrafter.settings import Settings
 
@@ -270,12 +270,17 @@ class Worker(BackgroundLoop):
             self.purge()
 
     def purge(self) -> None:
-        """Delete results older than the retention period, with their files."""
+        """Delete results older than their retention period with their files (outputs, stored inputs),
+        then uploads and abandoned multipart parts older than theirs."""
         for key in self.store.purge_expired(self.settings.result_retention_s):
             try:
                 self.storage.delete(key)
             except Exception:
                 logger.exception("could not delete expired file %s", key)
+        try:
+            self.storage.purge(UPLOAD_KEY_PREFIX, time.time() - self.settings.upload_retention_s)
+        except Exception:
+            logger.exception("could not delete expired uploads")
 
     def _run_job(self, job: Job) -> None:
         token = request_id_var.set(job.id)  # every log line of this job carries its request id
