@@ -18,10 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -188,8 +188,9 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(app: Any, *, tls: TLSFiles | None = None) -> Iterator[RunningServer]:
-    """uvicorn serving `app` on 127.0.0.1:<free port> in a thread (lifespan included)."""
+def running_server(app: Any, *, tls: TLSFiles | None = None, http: Any = "auto") -> Iterator[RunningServer]:
+    """uvicorn serving `app` on 127.0.0.1:<free port> in a thread (lifespan included); `http` is
+    uvicorn's protocol (`http_limits.guarded_protocol(...)` for the one `tooncrafter serve` runs)."""
     import uvicorn
 
     port = free_port()
@@ -201,6 +202,7 @@ def running_server(app: Any, *, tls: TLSFiles | None = None) -> Iterator[Running
         ssl_certfile=str(tls.cert_pem) if tls else None,
         ssl_keyfile=str(tls.key_pem) if tls else None,
         timeout_graceful_shutdown=5,
+        http=http,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
