@@ -89,6 +89,11 @@ def runtime_of(client: Any) -> Runtime:
     return client.app_state["runtime"]
 
 
+def fake_generator(_settings: Settings) -> FakeGenerator:
+    """For processes started by tests (`TOONCRAFTER_TEST_GENERATOR=helpers.service:fake_generator`)."""
+    return FakeGenerator()
+
+
 def fake_factory(generator: FakeGenerator | None = None):
     gen = generator or FakeGenerator()
     return lambda _settings: gen
