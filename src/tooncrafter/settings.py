@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="Bearer token that GET /metrics (Prometheus) requires, apart from the API keys: a scraper "
         "sends `Authorization: Bearer <token>`; absent = /metrics answers 404.",
     )
+    max_streams_per_key: int = Field(
+        8,
+        ge=1,
+        description="Open event streams (status streams and streaming runs) per API key and API process; "
+        "past it a new stream is a 429 until one ends.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as plain text or one JSON object per line.")
 
     # --- connection and request limits of the embedded server (`tooncrafter serve`) -------------
@@ -102,10 +108,21 @@ class Settings(BaseSettings):
         "this bounds the memory one request can take while decoding).",
     )
     max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Largest file accepted by the upload endpoint.")
+    input_inline_max_bytes: int = Field(
+        16 * 1024,
+        ge=0,
+        description="A request's input (JSON) larger than this is stored as a file in the storage backend and the "
+        "job row keeps its key, so status reads never carry it (0 = always a file).",
+    )
 
     # --- jobs and workers ----------------------------------------------------------------------
     result_retention_s: float = Field(
         24 * 3600.0, gt=0, description="How long finished requests (result, logs, output files) are kept."
+    )
+    upload_retention_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="How long uploaded files (and parts of multipart uploads never completed) are kept.",
     )
     lease_s: float = Field(60.0, gt=0, description="A running job whose worker has not renewed its lease for this long is requeued.")
     heartbeat_s: float | None = Field(None, gt=0, description="Lease renewal period; absent = lease_s / 3.")
@@ -114,7 +131,7 @@ class Settings(BaseSettings):
     cancel_poll_s: float = Field(
         0.5, ge=0, description="A running job reads its cancel flag from the database at most this often (checked between steps)."
     )
-    purge_interval_s: float = Field(60.0, gt=0, description="How often expired results are deleted.")
+    purge_interval_s: float = Field(60.0, gt=0, description="How often expired results and uploads are deleted.")
     worker_grace_s: float = Field(
         300.0,
         ge=0,

@@ -18,10 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -87,6 +87,11 @@ def cancel_requested(store: JobStore) -> Callable[[], bool]:
 def runtime_of(client: Any) -> Runtime:
     """The runtime an app's lifespan opened, from a `TestClient` used as a context manager."""
     return client.app_state["runtime"]
+
+
+def fake_generator(_settings: Settings) -> FakeGenerator:
+    """For processes started by tests (`TOONCRAFTER_TEST_GENERATOR=helpers.service:fake_generator`)."""
+    return FakeGenerator()
 
 
 def fake_factory(generator: FakeGenerator | None = None):
@@ -184,12 +189,13 @@ class RunningServer:
         verify: Any = True
         if self.tls is not None:
             verify = ssl.create_default_context(cafile=str(self.tls.ca_pem))
-        return httpx.Client(base_url=self.base_url, verify=verify, timeout=30, **kwargs)
+        return httpx.Client(base_url=self.base_url, verify=verify, **{"timeout": 30, **kwargs})
 
 
 @contextlib.contextmanager
-def running_server(app: Any, *, tls: TLSFiles | None = None) -> Iterator[RunningServer]:
-    """uvicorn serving `app` on 127.0.0.1:<free port> in a thread (lifespan included)."""
+def running_server(app: Any, *, tls: TLSFiles | None = None, http: Any = "auto") -> Iterator[RunningServer]:
+    """uvicorn serving `app` on 127.0.0.1:<free port> in a thread (lifespan included); `http` is
+    uvicorn's protocol (`http_limits.guarded_protocol(...)` for the one `tooncrafter serve` runs)."""
     import uvicorn
 
     port = free_port()
@@ -201,6 +207,7 @@ def running_server(app: Any, *, tls: TLSFiles | None = None) -> Iterator[Running
         ssl_certfile=str(tls.cert_pem) if tls else None,
         ssl_keyfile=str(tls.key_pem) if tls else None,
         timeout_graceful_shutdown=5,
+        http=http,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -311,3 +318,44 @@ def npm_project_dir(directory: Path, package: str) -> Path:
 def js_client_dir() -> Path:
     """tests/service/js with @fal-ai/client installed."""
     return npm_project_dir(JS_DIR, "@fal-ai/client")
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """moto's S3 server (the real S3 HTTP API) on 127.0.0.1:<free port>, with boto3's test credentials
+    in the environment while it runs; yields its endpoint URL."""
+    import pytest
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in S3_ENV.items():
+            mp.setenv(name, value)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+def fresh_bucket(endpoint: str) -> str:
+    """A new empty bucket on the S3 server at `endpoint`."""
+    import uuid
+
+    import boto3
+
+    bucket = f"tc-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return bucket
+
+
+def storage_settings(kind: str, s3_endpoint: str | None) -> dict[str, Any]:
+    """Settings overrides for files on local disk (`local`) or in a fresh bucket of `s3_endpoint` (`s3`)."""
+    if kind == "local":
+        return {}
+    assert s3_endpoint is not None
+    return {"storage_url": f"s3://{fresh_bucket(s3_endpoint)}/files", "s3_endpoint_url": s3_endpoint}

@@ -131,7 +131,7 @@ def test_generate_with_the_tiny_model(browser_dir, tmp_path, pngs):
     with running_server(app) as server:
         out = run_browser(browser_dir, "generate", server, {**pngs, "steps": 4}, tmp_path)
         (entry,) = out["history"]
-        job = server.store.get(entry["request_id"])
+        job = server.store.get(entry["request_id"], with_input=True)
 
     assert page_errors(out) == []
     # keyframes: file picker + drop, thumbnails, move down, remove, drag back

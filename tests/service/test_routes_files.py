@@ -392,23 +392,3 @@ def test_js_client_storage_upload(server: LiveServer, tmp_path: Path) -> None:
         got = client.get(file_url)
     assert got.status_code == 200 and got.content == payload.read_bytes()
     assert got.headers["content-type"] == "image/png"
-
-
-@pytest.mark.usefixtures("needs_node")
-@pytest.mark.slow
-def test_js_client_multipart_upload(tmp_path: Path) -> None:
-    """Over 90 MiB the JS client switches to initiate-multipart, 10 MiB part PUTs and complete."""
-    size = 90 * 1024 * 1024 + 12345
-    payload = tmp_path / "big.mp4"
-    with payload.open("wb") as f:
-        f.write(bytes(range(256)) * (size // 256) + bytes(size % 256))
-    with LiveServer(make_app(tmp_path, max_upload_bytes=100 * 1024 * 1024)) as live:
-        file_url = js_upload(live.url, payload, "video/mp4")
-        with httpx.Client(trust_env=False, timeout=60) as client:
-            head = client.head(file_url)
-            tail = client.get(file_url, headers={"Range": "bytes=-1000"})
-    assert head.status_code == 200 and head.headers["content-length"] == str(size)
-    assert head.headers["content-type"] == "video/mp4"
-    with payload.open("rb") as f:
-        f.seek(size - 1000)
-        assert tail.status_code == 206 and tail.content == f.read()

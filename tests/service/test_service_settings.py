@@ -49,3 +49,22 @@ def test_serve_binds_loopback_without_keys(monkeypatch, tmp_path, keys, host, al
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
     server.serve(Settings(data_dir=tmp_path, api_keys=keys), host=host, port=1234, with_worker=False, allow_open=allow_open)
     assert seen["host"] == expected and seen["port"] == 1234
+
+
+LIMIT_SETTINGS = [
+    "max_connections", "request_header_timeout_s", "request_body_timeout_s", "keep_alive_s", "max_request_bytes",
+    "max_upload_bytes", "api_keys", "max_streams_per_key", "input_inline_max_bytes", "input_max_bytes", "input_timeout_s",
+    "input_max_redirects", "allow_private_urls", "webhook_max_attempts", "webhook_timeout_s", "public_url", "allowed_hosts",
+    "request_max_pixels", "result_retention_s", "upload_retention_s", "purge_interval_s",
+]
+
+
+def test_the_readme_security_table_names_every_limit_and_only_real_settings():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("**Security limits**", 1)[1].split("\n\n", 1)[0]
+    named = {name.lower() for name in re.findall(r"`([A-Z][A-Z0-9_]*[A-Z0-9])`", table)}
+    assert named - set(Settings.model_fields) == set(), "the table names settings that do not exist"
+    assert set(LIMIT_SETTINGS) - named == set(), "limits missing from the README's security table"

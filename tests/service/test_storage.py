@@ -145,3 +145,20 @@ def test_every_backend_mints_keys_the_same_way(storage: LocalFileStorage) -> Non
     for backend in (storage, s3):
         key = backend.new_key("../Ünïcode clip.mp4")
         assert is_valid_key(key) and key_file_name(key) == "Unicode_clip.mp4"
+
+
+def test_only_uploads_get_the_upload_prefix(storage: LocalFileStorage, monkeypatch) -> None:
+    """A random token that happens to start like an upload's is drawn again: uploads expire on their
+    own clock, and an output must never look like one."""
+    from tooncrafter.service.storage import base
+
+    draws = iter(["upload-" + "a" * 17, "b" * 24, "upload-" + "c" * 17])
+    monkeypatch.setattr(base.secrets, "token_urlsafe", lambda _n: next(draws))
+    assert storage.new_key("clip.mp4") == "b" * 24 + "/clip.mp4"
+    assert storage.new_key("a.png", prefix=base.UPLOAD_KEY_PREFIX) == "upload-upload-" + "c" * 17 + "/a.png"  # kept: prefixed
+
+
+@pytest.mark.parametrize("prefix", ["", "../", "upload/", "a" * 33])
+def test_purge_needs_a_token_prefix(storage: LocalFileStorage, prefix: str) -> None:
+    with pytest.raises(ValueError, match="prefix"):
+        storage.purge(prefix, older_than=float("inf"))

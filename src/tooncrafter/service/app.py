@@ -63,7 +63,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tooncrafter.schema import describe_error
 from tooncrafter.service.api.deps import LifespanState, get_runtime, require_owner
 from tooncrafter.service.api.files import files_router
-from tooncrafter.service.api.limits import RequestLimits, TrustedHosts
+from tooncrafter.service.api.limits import RequestLimits, StreamLimits, TrustedHosts
 from tooncrafter.service.api.metrics import metrics_router
 from tooncrafter.service.api.playground import playground_router
 from tooncrafter.service.api.protocol import (
@@ -218,6 +218,7 @@ def create_app(
     app.include_router(files_router(auth_dependency=require_owner))
     app.include_router(run_router())
 
+    app.add_middleware(StreamLimits, settings=settings)  # open event streams per key
     app.add_middleware(RequestLimits, settings=settings)  # auth and body size before any body is read
     app.add_middleware(TrustedHosts, settings=settings)  # before anything builds a URL from Host
     app.add_middleware(FalGatewayMiddleware)

@@ -62,7 +62,8 @@ from tooncrafter.service.jobs import (
     WorkerReport,
     field_error_body,
 )
-from tooncrafter.service.storage.base import Storage, public_file_url
+from tooncrafter.service.storage.base import UPLOAD_KEY_PREFIX, Storage, public_file_url
+from tooncrafter.service.stored_inputs import StoredInputMissing, load_input
 from tooncrafter.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -297,12 +298,17 @@ class Worker(BackgroundLoop):
             self.purge()
 
     def purge(self) -> None:
-        """Delete results older than the retention period, with their files."""
+        """Delete results older than their retention period with their files (outputs, stored inputs),
+        then uploads and abandoned multipart parts older than theirs."""
         for key in self.store.purge_expired(self.settings.result_retention_s):
             try:
                 self.storage.delete(key)
             except Exception:
                 logger.exception("could not delete expired file %s", key)
+        try:
+            self.storage.purge(UPLOAD_KEY_PREFIX, time.time() - self.settings.upload_retention_s)
+        except Exception:
+            logger.exception("could not delete expired uploads")
 
     def _run_job(self, job: Job) -> None:
         token = request_id_var.set(job.id)  # every log line of this job carries its request id
@@ -374,7 +380,9 @@ class Worker(BackgroundLoop):
     def _execute(self, job: Job, started: float) -> JobOutcome:
         assert self._generator is not None
         try:
-            params = ToonCrafterInput.model_validate(job.input)
+            params = ToonCrafterInput.model_validate(load_input(self.storage, job))
+        except StoredInputMissing as exc:
+            raise JobFailed(500, {"detail": str(exc)}, str(exc), "input_missing") from exc
         except ValidationError as exc:  # validated at submit; only an older server's row lands here
             first = exc.errors()[0]
             raise field_error(list(first["loc"]), describe_error(first), first["type"]) from exc

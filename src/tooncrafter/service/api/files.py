@@ -34,6 +34,7 @@ from tooncrafter.service.api.deps import get_settings, get_storage, get_upload_t
 from tooncrafter.service.api.protocol import server_base_url
 from tooncrafter.service.storage.base import (
     DEFAULT_CONTENT_TYPE,
+    UPLOAD_KEY_PREFIX,
     Storage,
     StorageError,
     StoredFile,
@@ -171,7 +172,7 @@ def files_router(auth_dependency: Callable[..., Any] | None = None) -> APIRouter
     def initiate(request: Request, body: InitiateUploadRequest | None, files: FileRoutesDeps, *, multipart: bool) -> JSONResponse:
         body = body or InitiateUploadRequest()
         content_type = normalize_content_type(body.content_type) if body.content_type else None
-        key = files.storage.new_key(safe_file_name(body.file_name, default="upload.bin"))
+        key = files.storage.new_key(safe_file_name(body.file_name, default="upload.bin"), prefix=UPLOAD_KEY_PREFIX)
         token = files.tokens.issue(key, content_type, multipart=multipart)
         base = server_base_url(request, files.settings)
         path = "multipart" if multipart else "put"
@@ -251,7 +252,7 @@ def files_router(auth_dependency: Callable[..., Any] | None = None) -> APIRouter
         pending = files.tokens.get(token, multipart=True)
         if pending is None or await run_in_threadpool(files.storage.exists, pending.key):
             raise HTTPException(404, _UNKNOWN_TOKEN, headers=CORS_HEADERS)
-        parts = [(p.part_number, p.etag.strip('"')) for p in sorted(body.parts, key=lambda p: p.part_number)]
+        parts = [(p.part_number, p.etag.strip('"').lower()) for p in sorted(body.parts, key=lambda p: p.part_number)]
         if len({number for number, _ in parts}) != len(parts):
             raise HTTPException(400, "a part is listed twice")
         try:
@@ -263,7 +264,7 @@ def files_router(auth_dependency: Callable[..., Any] | None = None) -> APIRouter
         try:
             stored = await _store(files.storage, data, pending.content_type or DEFAULT_CONTENT_TYPE, pending)
         finally:
-            await run_in_threadpool(files.tokens.delete_parts, files.storage, pending, [n for n, _ in parts])
+            await run_in_threadpool(files.tokens.delete_parts, files.storage, pending, parts)
         return _upload_done(request, files.settings, stored)
 
     @router.get("/files/{key:path}")

@@ -1,11 +1,13 @@
-"""Limits checked before any work: which host was asked for, who is calling, how big the body may be.
+"""Limits checked before any work: which host was asked for, who is calling, how big the body may be,
+how many event streams a key holds open.
 
-An ASGI middleware in front of every route, so that a request pays for nothing before it is allowed:
+ASGI middlewares in front of every route, so that a request pays for nothing before it is allowed:
 * a request with a body (POST/PUT/PATCH) to a keyed route is authenticated from its headers before
   a byte of the body is read (a 100 MB body without a key costs nothing but the 401);
 * the body is limited by route: `max_upload_bytes` for the token-authorised upload routes,
   `max_request_bytes` for everything else. A declared `Content-Length` over the limit is refused
-  at once; a body that grows past it while streaming is cut off. Both are a 413 naming the limit.
+  at once; a body that grows past it while streaming is cut off. Both are a 413 naming the limit;
+* an API key holds at most `max_streams_per_key` event streams open at once (`StreamLimits`).
 """
 
 from __future__ import annotations
@@ -123,3 +125,54 @@ class TrustedHosts:
             await _send_json(send, 400, {"detail": message, "message": message})
             return
         await self.app(scope, receive, send)
+
+
+class StreamLimits:
+    """At most `max_streams_per_key` open event streams per API key in this process: the queue's
+    status streams (`GET .../requests/{id}/status/stream`) and the streaming run (`POST /{endpoint}/stream`).
+
+    Each one polls the job store for as long as it is open, so a key that opens many would slow every
+    other client. A stream over the limit is a 429 before anything runs (a streaming run queues no job);
+    the slot is freed when the stream's response ends, whether it finished, failed or its client went
+    away (Starlette cancels a stream whose client disconnects). A request that does not authenticate is
+    passed on uncounted: the route answers its 401.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self._queue_streams = f"/queue/{settings.endpoint_id}/requests/"
+        self._run_stream = f"/{settings.endpoint_id}/stream"
+        self._open: dict[str, int] = {}  # owner -> open streams; only touched on the event loop
+
+    def _is_stream(self, scope: Scope) -> bool:
+        path, method = scope["path"], scope["method"]
+        if method == "POST":
+            return path == self._run_stream
+        return method == "GET" and path.startswith(self._queue_streams) and path.rstrip("/").endswith("/status/stream")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._is_stream(scope):
+            await self.app(scope, receive, send)
+            return
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        try:
+            owner = authenticate(self.settings, header)
+        except HTTPException:
+            await self.app(scope, receive, send)
+            return
+        limit = self.settings.max_streams_per_key
+        if self._open.get(owner, 0) >= limit:
+            message = (
+                f"too many open event streams for this API key: at most {limit} at once "
+                "(TOONCRAFTER_MAX_STREAMS_PER_KEY); close one, or poll the status URL instead"
+            )
+            await _send_json(send, 429, {"detail": message, "message": message}, [(b"retry-after", b"1")])
+            return
+        self._open[owner] = self._open.get(owner, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._open[owner] -= 1
+            if not self._open[owner]:
+                del self._open[owner]

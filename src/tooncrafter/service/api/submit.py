@@ -25,6 +25,7 @@ from tooncrafter.service.jobs import Job
 from tooncrafter.service.jobs.tables import PRIORITIES
 from tooncrafter.service.runtime import Runtime
 from tooncrafter.service.outbound import OutboundURLError
+from tooncrafter.service.stored_inputs import save_input
 from tooncrafter.service.webhooks import check_webhook_url
 from tooncrafter.settings import Settings
 
@@ -81,7 +82,7 @@ def queue_priority(request: Request) -> int:
 def enqueue(
     request: Request, runtime: Runtime, *, owner: str, endpoint: str, params: ToonCrafterInput, webhook_url: str | None
 ) -> Job:
-    """Checks, then one INSERT; wakes the in-process worker."""
+    """Checks, then the input (to storage when large, see `stored_inputs`) and one INSERT; wakes the in-process worker."""
     settings = runtime.settings
     check_input_urls(params, settings, runtime.num_frames)
     if webhook_url is not None:
@@ -89,15 +90,25 @@ def enqueue(
             check_webhook_url(webhook_url)
         except OutboundURLError as exc:
             raise ProtocolError(422, {"detail": [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "value_error"}], "message": str(exc)}) from exc
-    job = runtime.store.submit(
-        priority=queue_priority(request),
-        endpoint=endpoint,
-        owner=owner,
-        input=params.model_dump(mode="json", exclude_unset=True),
-        base_url=server_base_url(request, settings),
-        webhook_url=webhook_url,
-        start_deadline=start_deadline(request),
+    priority, deadline = queue_priority(request), start_deadline(request)
+    document, input_key = save_input(
+        runtime.storage, params.model_dump(mode="json", exclude_unset=True), inline_max_bytes=settings.input_inline_max_bytes
     )
+    try:
+        job = runtime.store.submit(
+            priority=priority,
+            endpoint=endpoint,
+            owner=owner,
+            input=document,
+            input_key=input_key,
+            base_url=server_base_url(request, settings),
+            webhook_url=webhook_url,
+            start_deadline=deadline,
+        )
+    except BaseException:
+        if input_key is not None:  # nothing refers to the file: do not leave it behind
+            runtime.storage.delete(input_key)
+        raise
     runtime.job_queued()
     return job
 

@@ -22,7 +22,7 @@ class Job:
     endpoint: str
     owner: str
     status: str
-    input: dict[str, Any]
+    input: dict[str, Any] | None  # the inline input document; None when stored at `input_key`, or not read
     webhook_url: str | None
     base_url: str
     created_at: float
@@ -41,6 +41,7 @@ class Job:
     file_keys: list[str] = field(default_factory=list)
     lease_token: str | None = None
     priority: int = 0
+    input_key: str | None = None  # storage key of the input document when it was too large for the row
 
 
 @dataclass(frozen=True)

@@ -100,15 +100,22 @@ def _log_insert(job_id: str, message: str, level: str) -> Any:
     return insert(logs_table).values(job_id=job_id, timestamp=iso_now(), level=level, message=message)
 
 
+# Every column but the input: what status, queue position, SSE and result reads select, so their
+# cost does not grow with the input (a data URI can be tens of MiB). Only `claim` reads the input.
+_READ_COLUMNS = [column for column in jobs_table.c if column.name != "input_json"]
+
+
 def _row_to_job(row: Any) -> Job:
     m = row._mapping
+    document = m.get("input_json")
     return Job(
         id=m["id"],
         seq=m["seq"],
         endpoint=m["endpoint"],
         owner=m["owner"],
         status=m["status"],
-        input=json.loads(m["input_json"]),
+        input=json.loads(document) if document else None,
+        input_key=m["input_key"],
         webhook_url=m["webhook_url"],
         base_url=m["base_url"],
         created_at=m["created_at"],
@@ -148,12 +155,16 @@ class JobStore:
         *,
         endpoint: str,
         owner: str,
-        input: dict[str, Any],
+        input: dict[str, Any] | None,
         base_url: str,
         webhook_url: str | None = None,
         start_deadline: float | None = None,
         priority: int = PRIORITIES["normal"],
+        input_key: str | None = None,
     ) -> Job:
+        """Queue a request; its input is the `input` document, or (None) the stored file `input_key`."""
+        if (input is None) == (input_key is None):
+            raise ValueError("give the input document or the key of its stored file, not both")
         job_id = str(uuid.uuid4())
         with self.engine.begin() as conn:
             row = conn.execute(
@@ -162,7 +173,8 @@ class JobStore:
                     endpoint=endpoint,
                     owner=owner,
                     status=IN_QUEUE,
-                    input_json=json.dumps(input),
+                    input_json=json.dumps(input) if input is not None else "",
+                    input_key=input_key,
                     webhook_url=webhook_url,
                     base_url=base_url,
                     created_at=time.time(),
@@ -172,13 +184,15 @@ class JobStore:
                     file_keys_json="[]",
                     priority=priority,
                 )
-                .returning(*jobs_table.c)  # the stored row (seq, defaults) without a second query
+                .returning(*_READ_COLUMNS)  # the stored row (seq, defaults) without a second query
             ).one()
         return _row_to_job(row)
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, *, with_input: bool = False) -> Job | None:
+        """The job; its `input` column only `with_input` (status reads never carry the input)."""
+        columns = jobs_table.c if with_input else _READ_COLUMNS
         with self.engine.connect() as conn:
-            row = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).first()
+            row = conn.execute(select(*columns).where(jobs_table.c.id == job_id)).first()
         return _row_to_job(row) if row is not None else None
 
     def queue_position(self, job: Job) -> int:
@@ -430,11 +444,12 @@ class JobStore:
         return finished
 
     def purge_expired(self, retention_s: float) -> list[str]:
-        """Delete finished jobs older than `retention_s` with their logs and webhooks; return their file keys."""
+        """Delete finished jobs older than `retention_s` with their logs and webhooks; return their file
+        keys (outputs and stored inputs) for the caller to delete from storage."""
         cutoff = time.time() - retention_s
         with self.engine.begin() as conn:
             rows = conn.execute(
-                select(jobs_table.c.id, jobs_table.c.file_keys_json).where(
+                select(jobs_table.c.id, jobs_table.c.file_keys_json, jobs_table.c.input_key).where(
                     jobs_table.c.status == COMPLETED, jobs_table.c.completed_at < cutoff
                 )
             ).all()
@@ -445,7 +460,8 @@ class JobStore:
             conn.execute(delete(logs_table).where(logs_table.c.job_id.in_(ids)))
             conn.execute(delete(webhooks_table).where(webhooks_table.c.job_id.in_(ids), webhooks_table.c.state != "pending"))
             conn.execute(delete(jobs_table).where(jobs_table.c.id.in_(ids)))
-        return [key for r in rows for key in json.loads(r.file_keys_json or "[]")]
+        outputs = [key for r in rows for key in json.loads(r.file_keys_json or "[]")]
+        return outputs + [r.input_key for r in rows if r.input_key]
 
     # --- webhooks ---------------------------------------------------------------------------------
 

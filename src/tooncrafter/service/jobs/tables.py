@@ -35,7 +35,8 @@ jobs_table = Table(
     Column("endpoint", String(200), nullable=False),
     Column("owner", String(64), nullable=False, index=True),  # sha256 of the API key, "" when open
     Column("status", String(16), nullable=False, index=True),
-    Column("input_json", Text, nullable=False),
+    Column("input_json", Text, nullable=False),  # the input document, or "" when it is stored at input_key
+    Column("input_key", Text),  # storage key of a large input document (see service/stored_inputs.py)
     Column("webhook_url", Text),
     Column("base_url", Text, nullable=False),  # where this server is reached; output URLs are built from it
     Column("created_at", Float, nullable=False),

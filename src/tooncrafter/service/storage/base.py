@@ -7,6 +7,10 @@ immutable: a key is written once and never overwritten.
 
 Backends (`local.LocalFileStorage`, `s3.S3Storage`) mint and check their keys with the helpers
 here, so a key is valid everywhere or nowhere; `storage_from_url` (in `__init__`) picks one.
+
+Uploaded files and the parts of multipart uploads have tokens starting with `UPLOAD_KEY_PREFIX`
+(no other key's token does), so that they can expire on their own clock (`Storage.purge`, run by
+the workers' retention loop) while outputs live as long as their job.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ MAX_FILE_NAME_CHARS = 100
 READ_CHUNK_BYTES = 256 * 1024
 
 _TOKEN_BYTES = 18  # token_urlsafe(18) -> 24 characters, 144 random bits
+UPLOAD_KEY_PREFIX = "upload-"  # the tokens of uploads and multipart parts, and no other
 _TOKEN_PATTERN = r"[A-Za-z0-9_-]{16,64}"
 # The name may contain dots but must not start with one, so it can never be "." or "..".
 _NAME_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,%d}" % (MAX_FILE_NAME_CHARS - 1)
@@ -40,6 +45,10 @@ class InvalidKeyError(StorageError, KeyError):
     """A key that this storage could never have issued (wrong shape, traversal attempt)."""
 
 
+class KeyExistsError(StorageError):
+    """`put` of a key that is already stored (keys are written once)."""
+
+
 @dataclass(frozen=True)
 class StoredFile:
     """What the storage knows about one stored file."""
@@ -54,14 +63,16 @@ class StoredFile:
 class Storage(Protocol):
     """The operations the service needs from a file store; keys come from `new_key` or `put`."""
 
-    def new_key(self, file_name: str) -> str:
-        """Reserve nothing, just mint a fresh unguessable key for `file_name` (for upload URLs)."""
+    def new_key(self, file_name: str, *, prefix: str = "") -> str:
+        """Reserve nothing, just mint a fresh unguessable key for `file_name` (for upload URLs), its
+        token starting with `prefix` (`UPLOAD_KEY_PREFIX` for uploads)."""
         ...
 
     def put(
         self, data: bytes, *, content_type: str, file_name: str, key: str | None = None
     ) -> StoredFile:
-        """Store `data` under `key` (a fresh key when None); an existing key is never overwritten."""
+        """Store `data` under `key` (a fresh key when None); an existing key is never overwritten
+        (`KeyExistsError`)."""
         ...
 
     def read(self, key: str) -> bytes: ...
@@ -82,10 +93,22 @@ class Storage(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def purge(self, prefix: str, older_than: float) -> int:
+        """Delete every file whose token starts with `prefix` and that was stored before `older_than`
+        (epoch seconds), half-written ones included; how many were deleted."""
+        ...
+
 
 def is_valid_key(key: str) -> bool:
     """True when `key` has the shape this module issues (checked before any path is built)."""
     return isinstance(key, str) and _KEY_RE.fullmatch(key) is not None
+
+
+def check_token_prefix(prefix: str) -> str:
+    """`prefix` when it can begin a token (and is not empty: a purge never takes every file), else `ValueError`."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", prefix or ""):
+        raise ValueError(f"not a key token prefix: {prefix!r}")
+    return prefix
 
 
 def key_token(key: str) -> str:
@@ -96,9 +119,15 @@ def key_token(key: str) -> str:
     return match["token"]
 
 
-def new_key(file_name: str) -> str:
-    """A fresh unguessable key `"{token}/{safe name}"`; every backend mints its keys here."""
-    return f"{secrets.token_urlsafe(_TOKEN_BYTES)}/{safe_file_name(file_name)}"
+def new_key(file_name: str, *, prefix: str = "") -> str:
+    """A fresh unguessable key `"{prefix}{token}/{safe name}"`; every backend mints its keys here.
+
+    Without a prefix the token never starts with `UPLOAD_KEY_PREFIX` (drawn again in the rare case),
+    so the upload retention can never take an output."""
+    token = secrets.token_urlsafe(_TOKEN_BYTES)
+    while not prefix and token.startswith(UPLOAD_KEY_PREFIX):
+        token = secrets.token_urlsafe(_TOKEN_BYTES)
+    return f"{prefix}{token}/{safe_file_name(file_name)}"
 
 
 def key_file_name(key: str) -> str:

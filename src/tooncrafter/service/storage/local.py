@@ -17,8 +17,9 @@ from pathlib import Path
 
 from tooncrafter.service.storage.base import (
     READ_CHUNK_BYTES,
-    StorageError,
+    KeyExistsError,
     StoredFile,
+    check_token_prefix,
     is_valid_key,
     key_file_name,
     key_token,
@@ -39,8 +40,8 @@ class LocalFileStorage:
 
     # -- keys and paths ------------------------------------------------------------------------
 
-    def new_key(self, file_name: str) -> str:
-        return new_key(file_name)
+    def new_key(self, file_name: str, *, prefix: str = "") -> str:
+        return new_key(file_name, prefix=prefix)
 
     def _dir(self, key: str) -> Path:
         """The directory of `key`; raises `InvalidKeyError` for anything this class did not issue."""
@@ -71,7 +72,7 @@ class LocalFileStorage:
         try:
             directory.mkdir()  # fails if the key (token) was already used: no overwrites
         except FileExistsError:
-            raise StorageError(f"storage key {key!r} already exists") from None
+            raise KeyExistsError(f"storage key {key!r} already exists") from None
         # Data first, metadata last: a file "exists" only once its meta.json is in place.
         self._write_atomic(directory / "data", data)
         self._write_atomic(directory / "meta.json", json.dumps(asdict(stored)).encode("utf-8"))
@@ -125,6 +126,24 @@ class LocalFileStorage:
 
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
+
+    def purge(self, prefix: str, older_than: float) -> int:
+        """See `Storage.purge`. A file was stored when its token directory last changed (its data and
+        meta.json are renamed into it), so a half-written one ages from its last write too."""
+        check_token_prefix(prefix)
+        deleted = 0
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    stored_at = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                if stored_at < older_than:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    deleted += 1
+        return deleted
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -19,8 +19,10 @@ from typing import Any
 from tooncrafter.service.storage.base import (
     READ_CHUNK_BYTES,
     InvalidKeyError,
+    KeyExistsError,
     StorageError,
     StoredFile,
+    check_token_prefix,
     is_valid_key,
     key_file_name,
     new_key,
@@ -63,8 +65,8 @@ class S3Storage:
 
     # -- keys -----------------------------------------------------------------------------------
 
-    def new_key(self, file_name: str) -> str:
-        return new_key(file_name)
+    def new_key(self, file_name: str, *, prefix: str = "") -> str:
+        return new_key(file_name, prefix=prefix)
 
     def object_name(self, key: str) -> str:
         """The object name of `key`; raises `InvalidKeyError` for anything this storage did not issue."""
@@ -87,7 +89,7 @@ class S3Storage:
             )
         except ClientError as exc:
             if _status(exc) in (409, 412):  # 412 PreconditionFailed; 409 when a concurrent write races
-                raise StorageError(f"storage key {key!r} already exists") from None
+                raise KeyExistsError(f"storage key {key!r} already exists") from None
             raise StorageError(f"could not store {key!r} in s3://{self.bucket}: {exc}") from exc
         return StoredFile(key=key, size=len(data), content_type=content_type, file_name=key_file_name(key))
 
@@ -139,6 +141,17 @@ class S3Storage:
 
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
+
+    def purge(self, prefix: str, older_than: float) -> int:
+        """See `Storage.purge`: one listing of the objects under the prefix, deletes in batches of 1,000."""
+        check_token_prefix(prefix)
+        listed = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        expired = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=listed):
+            expired += [{"Key": o["Key"]} for o in page.get("Contents", []) if o["LastModified"].timestamp() < older_than]
+        for start in range(0, len(expired), 1000):
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": expired[start : start + 1000], "Quiet": True})
+        return len(expired)
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -4,8 +4,12 @@
 `complete`) that presents it stores the bytes under that key. A token is an HMAC of (key, content
 type, expiry, single/multipart) with a secret every API process shares (`UPLOAD_SECRET`, else one
 kept in the database), so the PUT may reach any process behind a load balancer. A token works
-once because a stored key is never overwritten. Multipart parts are objects in the storage itself
-(`upload-parts-*-NNNNN/part`, deleted on completion), so parts may arrive at different processes too.
+once because a stored key is never overwritten. Multipart parts are objects in the storage itself,
+so parts may arrive at different processes too. A part's key names its upload, its number and its
+content (`upload-parts-{upload}-{NNNNN}-{md5 prefix}/part`): a PUT never overwrites another, so
+concurrent or retried PUTs of one part cannot collide (the same bytes are the same file), and
+`complete` joins the parts the client lists by their etags, then deletes them. Parts never completed
+expire with the uploads (`UPLOAD_KEY_PREFIX`, the workers' retention loop).
 """
 
 from __future__ import annotations
@@ -14,13 +18,20 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tooncrafter.service.storage.base import DEFAULT_CONTENT_TYPE, Storage
+from tooncrafter.service.storage.base import (
+    DEFAULT_CONTENT_TYPE,
+    UPLOAD_KEY_PREFIX,
+    KeyExistsError,
+    Storage,
+)
 
 UPLOAD_TOKEN_TTL_S = 3600.0
+_ETAG = re.compile(r"[0-9a-f]{32}")  # what `save_part` answers: the part's MD5, hex
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ class SignedUploads:
     token = base64url(JSON {k: key, t: content type, e: expiry (epoch s), m: multipart}) "." HMAC-SHA256.
     """
 
-    PART_TOKEN_PREFIX = "upload-parts-"  # a bucket lifecycle rule on this prefix reaps abandoned parts
+    PART_TOKEN_PREFIX = UPLOAD_KEY_PREFIX + "parts-"  # expire like uploads
 
     def __init__(self, secret: bytes, *, ttl_s: float = UPLOAD_TOKEN_TTL_S, clock: Callable[[], float] = time.time) -> None:
         self._secret = secret
@@ -73,33 +84,39 @@ class SignedUploads:
 
     # multipart parts: objects in the storage itself, so any process can receive any part
 
-    def _part_key(self, pending: PendingUpload, number: int) -> str:
-        # one key token per part: a backend keeps one file per token (LocalFileStorage's directory)
-        upload = self._sign(b"parts:" + pending.key.encode())[:32]
-        return f"{self.PART_TOKEN_PREFIX}{upload}-{number:05d}/part"
+    def _part_key(self, pending: PendingUpload, number: int, etag: str) -> str:
+        # one key token per part and content: 13 + 16 + 1 + 5 + 1 + 24 = 60 characters (at most 64)
+        upload = self._sign(b"parts:" + pending.key.encode())[:16]
+        return f"{self.PART_TOKEN_PREFIX}{upload}-{number:05d}-{etag[:24]}/part"
 
     def save_part(self, storage: Storage, pending: PendingUpload, number: int, data: bytes) -> str:
-        """Store one part (a retry replaces the earlier attempt); its etag. `FileExistsError` once completed."""
+        """Store one part; its etag (MD5, hex). `FileExistsError` once the upload was completed."""
         if storage.exists(pending.key):
             raise FileExistsError(pending.key)
-        key = self._part_key(pending, number)
-        storage.delete(key)
-        storage.put(data, content_type=DEFAULT_CONTENT_TYPE, file_name="part", key=key)
-        return hashlib.md5(data, usedforsecurity=False).hexdigest()
+        etag = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        try:
+            storage.put(data, content_type=DEFAULT_CONTENT_TYPE, file_name="part", key=self._part_key(pending, number, etag))
+        except KeyExistsError:
+            pass  # these very bytes, sent before or at the same time: the part is (being) stored
+        return etag
 
     def join_parts(self, storage: Storage, pending: PendingUpload, parts: list[tuple[int, str]]) -> bytes:
         """The listed parts' bytes in order; `ValueError` naming a part that is missing or has another etag."""
         chunks = []
         for number, etag in parts:
+            missing = ValueError(f"part {number} was not uploaded or its etag differs")
+            if not _ETAG.fullmatch(etag):
+                raise missing
             try:
-                data = storage.read(self._part_key(pending, number))
+                data = storage.read(self._part_key(pending, number, etag))
             except FileNotFoundError:
-                raise ValueError(f"part {number} was not uploaded or its etag differs") from None
+                raise missing from None
             if hashlib.md5(data, usedforsecurity=False).hexdigest() != etag:
-                raise ValueError(f"part {number} was not uploaded or its etag differs")
+                raise missing
             chunks.append(data)
         return b"".join(chunks)
 
-    def delete_parts(self, storage: Storage, pending: PendingUpload, numbers: list[int]) -> None:
-        for number in numbers:
-            storage.delete(self._part_key(pending, number))
+    def delete_parts(self, storage: Storage, pending: PendingUpload, parts: list[tuple[int, str]]) -> None:
+        for number, etag in parts:
+            if _ETAG.fullmatch(etag):
+                storage.delete(self._part_key(pending, number, etag))
