@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -76,6 +76,18 @@ class Generator(Protocol):
     def num_frames(self) -> int: ...
 
     def __call__(self, request: GenerationRequest, *, on_step: ProgressCallback | None = None) -> GenerationResult: ...
+
+
+@runtime_checkable
+class BatchingGenerator(Generator, Protocol):
+    """A generator that can run concurrent calls as one batch (`ToonCrafterPipeline`: one UNet call per step).
+
+    `join_batch(n)` before starting n concurrent calls; each call's owner calls `leave_batch()` once, when its
+    call has returned or will not be made, so the others stop waiting for it."""
+
+    def join_batch(self, count: int) -> None: ...
+
+    def leave_batch(self) -> None: ...
 
 
 def random_seed() -> int:

@@ -129,6 +129,14 @@ class ToonCrafterPipeline:
         with reuse_freed_memory() if device.type == "cpu" else contextlib.nullcontext():
             return self._generate(request, on_step)
 
+    def join_batch(self, count: int) -> None:
+        """`count` concurrent calls to come form one batch (`generate_batch`, or a worker running several jobs):
+        their UNet calls merge. Each caller calls `leave_batch()` once its call is over or will not be made."""
+        self._unet.join(count)
+
+    def leave_batch(self) -> None:
+        self._unet.leave()
+
     def generate_batch(
         self, requests: Sequence[GenerationRequest], *, on_step: Sequence[ProgressCallback | None] | None = None
     ) -> list[GenerationResult | BaseException]:
@@ -149,9 +157,9 @@ class ToonCrafterPipeline:
             except BaseException as exc:  # handed back to the caller, in order
                 outcomes[index] = exc
             finally:
-                self._unet.leave()
+                self.leave_batch()
 
-        self._unet.join(len(requests))  # all members before any starts: no request runs a step alone
+        self.join_batch(len(requests))  # all members before any starts: no request runs a step alone
         threads = [threading.Thread(target=run, args=(i,), name=f"generate-{i}") for i in range(len(requests))]
         for thread in threads:
             thread.start()

@@ -138,6 +138,13 @@ class Settings(BaseSettings):
         description="On SIGTERM a worker takes no new job and gives the running one this long to finish; "
         "past it the job goes back to the queue after its current step.",
     )
+    worker_batch_size: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Queued jobs a worker runs at once as one batch: their UNet calls merge into one per step "
+        "(more throughput, more memory: each job's activations are held together). 1 = one job at a time.",
+    )
     worker_alive_s: float = Field(
         30.0,
         gt=0,

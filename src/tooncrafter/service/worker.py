@@ -31,11 +31,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from tooncrafter.generation import (
+    BatchingGenerator,
     GenerationCancelled,
     GenerationRequest,
     Generator,
@@ -178,6 +180,24 @@ class _CheckIn(BackgroundLoop):
             logger.warning("worker check-out failed: %s", exc)
 
 
+@dataclass
+class _JobRun:
+    """One running job's own state: a worker runs several at once when `worker_batch_size` > 1."""
+
+    job: Job
+    batch: BatchingGenerator | None = None
+    """The generator whose batch this job is a member of, until its generation is over."""
+    heartbeat: _Heartbeat | None = None
+    cancel_checked_at: float = 0.0
+    cancel_seen: bool = False
+
+    def leave_batch(self) -> None:
+        """Once, when this job's generation has returned or will not run: the batch stops waiting for it."""
+        if self.batch is not None:
+            self.batch.leave_batch()
+            self.batch = None
+
+
 class Worker(BackgroundLoop):
     """Runs jobs from `store` with the generator `generator_factory(settings)` builds (once).
 
@@ -205,9 +225,6 @@ class Worker(BackgroundLoop):
         self._on_complete = on_complete
         self._generator: Generator | None = None
         self._last_purge = 0.0
-        self._heartbeat: _Heartbeat | None = None
-        self._cancel_checked_at = 0.0
-        self._cancel_seen = False
         self.load_error: BaseException | None = None
         self._draining = threading.Event()
         self._hand_back_at: float | None = None
@@ -279,12 +296,15 @@ class Worker(BackgroundLoop):
     # --- one job ------------------------------------------------------------------------------
 
     def run_once(self) -> bool:
-        """Housekeeping, then run one queued job if there is one; True if a job ran."""
+        """Housekeeping, then run the queued jobs there are, up to `worker_batch_size` at once; True if any ran."""
         self._housekeeping()
-        job = self.store.claim(self.worker_id, self.settings.lease_s)
-        if job is None:
+        jobs = self._claim_jobs()
+        if not jobs:
             return False
-        self._run_job(job)
+        if len(jobs) == 1:
+            self._run_job(jobs[0])
+        else:
+            self._run_batch(jobs)
         if self._check_in is not None:
             self._check_in.notify()  # the job's step rate and GPU peak reach /metrics now
         return True
@@ -310,24 +330,52 @@ class Worker(BackgroundLoop):
         except Exception:
             logger.exception("could not delete expired uploads")
 
-    def _run_job(self, job: Job) -> None:
+    def _claim_jobs(self) -> list[Job]:
+        """As many queued jobs as this worker runs together (one unless its generator batches)."""
+        limit = self.settings.worker_batch_size if isinstance(self._generator, BatchingGenerator) else 1
+        jobs: list[Job] = []
+        while len(jobs) < limit and not self._draining.is_set():
+            job = self.store.claim(self.worker_id, self.settings.lease_s)
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Run claimed jobs concurrently as one batch of the generator: their UNet calls merge each step,
+        everything else (inputs, cancel, lease, result) stays each job's own."""
+        generator = self._generator
+        assert isinstance(generator, BatchingGenerator)
+        logger.info("running %d jobs as one batch", len(jobs))
+        generator.join_batch(len(jobs))  # every member before any starts, so none runs its steps alone
+        threads = [
+            threading.Thread(target=self._run_job, args=(job, generator), name=f"tooncrafter-job-{job.id[:8]}", daemon=True)
+            for job in jobs
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _run_job(self, job: Job, batch: BatchingGenerator | None = None) -> None:
         token = request_id_var.set(job.id)  # every log line of this job carries its request id
+        run = _JobRun(job, batch)
         try:
-            self._run_claimed_job(job)
+            self._run_claimed_job(run)
         finally:
+            run.leave_batch()
             request_id_var.reset(token)
 
-    def _run_claimed_job(self, job: Job) -> None:
+    def _run_claimed_job(self, run: _JobRun) -> None:
+        job = run.job
         logger.info("job %s: started (attempt %d)", job.id, job.attempts)
         started = time.perf_counter()
-        self._cancel_checked_at, self._cancel_seen = 0.0, False
-        self._heartbeat = None
         with _Heartbeat(
             self.store, job.id, self.worker_id, self.settings.lease_s, self.settings.resolved_heartbeat_s, job.lease_token
         ) as heartbeat:
-            self._heartbeat = heartbeat
+            run.heartbeat = heartbeat
             try:
-                outcome = self._execute(job, started)
+                outcome = self._execute(run, started)
             except _ShuttingDown:
                 self.store.release(job.id, self.worker_id, job.lease_token)
                 logger.info("job %s: worker stopping, request requeued", job.id)
@@ -352,7 +400,6 @@ class Worker(BackgroundLoop):
                 logger.warning("job %s: lease lost while running; result dropped", job.id)
                 self._drop_files(outcome)
                 return
-        self._heartbeat = None
         if self.store.complete(job.id, outcome, worker_id=self.worker_id, lease_token=job.lease_token):
             logger.info("job %s: completed with HTTP %d", job.id, outcome.status_code)
             if self._on_complete is not None:
@@ -364,21 +411,22 @@ class Worker(BackgroundLoop):
         for key in outcome.file_keys:
             self.storage.delete(key)
 
-    def _cancelled(self, job_id: str) -> bool:
+    def _cancelled(self, run: _JobRun) -> bool:
         """Between steps: stop for shutdown or a lost lease; True once a cancel was requested (any process),
         read from the store at most every `cancel_poll_s`."""
         if self._stop.is_set() or (self._hand_back_at is not None and time.monotonic() >= self._hand_back_at):
             raise _ShuttingDown()
-        if self._heartbeat is not None and self._heartbeat.lost:
+        if run.heartbeat is not None and run.heartbeat.lost:
             raise _LeaseLost()
         now = time.monotonic()
-        if not self._cancel_seen and now - self._cancel_checked_at >= self.settings.cancel_poll_s:
-            self._cancel_checked_at = now
-            self._cancel_seen = self.store.is_cancel_requested(job_id)
-        return self._cancel_seen
+        if not run.cancel_seen and now - run.cancel_checked_at >= self.settings.cancel_poll_s:
+            run.cancel_checked_at = now
+            run.cancel_seen = self.store.is_cancel_requested(run.job.id)
+        return run.cancel_seen
 
-    def _execute(self, job: Job, started: float) -> JobOutcome:
+    def _execute(self, run: _JobRun, started: float) -> JobOutcome:
         assert self._generator is not None
+        job = run.job
         try:
             params = ToonCrafterInput.model_validate(load_input(self.storage, job))
         except StoredInputMissing as exc:
@@ -390,7 +438,7 @@ class Worker(BackgroundLoop):
             check_fits_model(len(params.keyframe_image_urls), params.keyframe_lengths, self._generator.num_frames)
         except ContractError as exc:
             raise field_error([exc.field], str(exc)) from exc
-        if self._cancelled(job.id):
+        if self._cancelled(run):
             raise GenerationCancelled()
 
         self.store.add_log(job.id, f"Loading {len(params.keyframe_image_urls)} keyframes")
@@ -408,10 +456,13 @@ class Worker(BackgroundLoop):
             self.store.add_step(job.id, step, total, now - last_step_at)
             last_step_at = now
             self.steps_per_second = step / max(now - generating_since, 1e-9)
-            if self._cancelled(job.id):
+            if self._cancelled(run):
                 raise GenerationCancelled(f"cancelled after step {step} of {total}")
 
-        result = self._generator(GenerationRequest.from_input(params, keyframes, seed), on_step=on_step)
+        try:
+            result = self._generator(GenerationRequest.from_input(params, keyframes, seed), on_step=on_step)
+        finally:
+            run.leave_batch()  # the video encoding and upload below need no batch
 
         from tooncrafter.media.video import (
             encode_video,  # PyAV: loaded by processes that make videos only
