@@ -84,3 +84,11 @@ def test_with_a_prepacked_fallback_both_paths_agree():
         got_small_after = model(small).float()  # now through the packed weight
     for got, expected in ((got_small, expected_small), (got_large, expected_large), (got_small_after, expected_small)):
         assert (got - expected).abs().max().item() <= TOLERANCE[torch.bfloat16] * expected.abs().max().item()
+
+
+def test_the_dispatch_counts_output_pixels_and_keeps_temporal_convs_to_the_smallest_maps():
+    strided = GemmConv(nn.Conv2d(4, 4, 3, stride=2, padding=1), max_pixels=4)
+    assert strided._small(torch.zeros(1, 4, 4, 4))  # 4x4 in, 2x2 out
+    assert not strided._small(torch.zeros(1, 4, 6, 6))  # 3x3 out
+    temporal = GemmConv(nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0)), max_pixels=16)
+    assert temporal._small(torch.zeros(1, 4, 5, 2, 2)) and not temporal._small(torch.zeros(1, 4, 5, 4, 4))
