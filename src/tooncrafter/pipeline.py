@@ -181,9 +181,10 @@ class ToonCrafterPipeline:
             num_keyframes, self.num_frames, request.keyframe_lengths,
             keep_all=request.keep_all_frames, loop=request.loop, multiplier=request.frame_multiplier,
         )
-        sketches = (
-            prepare_sketches(request.sketches, *self.pixel_size, plan.num_output_frames) if request.uses_sketches else {}
-        )
+        sketches = {}
+        if request.uses_sketches:
+            sketches = prepare_sketches(request.sketches, *self.pixel_size, plan.num_output_frames)
+            self.sketch_encoder.get()  # loaded (or its absence reported) before any sampling
         batches = _batches(len(plan.inbetween_windows), self.inbetween_batch)
         progress = _Progress(on_step, request.steps * (1 + len(batches)))
         pixels = self._preprocess(request.keyframes)
