@@ -20,8 +20,9 @@ MAX_SEED = 2**32 - 1
 # offer 0..2 (mattyamonaca/ToonCrafter_with_SketchGuidance, kijai/ComfyUI-DynamiCrafterWrapper).
 DEFAULT_SKETCH_SCALE = 0.6
 MAX_SKETCH_SCALE = 2.0
-# One sketch per output frame at most; this bounds the list before the served model is known.
-MAX_SKETCHES = 1024
+# Sketches per request: each is one more URL the worker fetches. 64 covers every frame of the 512 model's
+# longest clip without keep_all_frames (a loop at frame_multiplier 4).
+MAX_SKETCHES = 64
 
 EXAMPLE_KEYFRAMES = [
     "https://storage.googleapis.com/falserverless/web-examples/tooncrafter/image-1.png",
@@ -144,7 +145,7 @@ class ToonCrafterInput(BaseModel):
             "Extension: sketch guidance. Line art for chosen output frames, a list of `{frame, url}` (any subset of "
             "frames, each at most once); the sketch encoder (ToonCrafter's released sketch_encoder.ckpt, a "
             "ControlNet) steers those frames and frames without a sketch get no guidance. `frame` counts frames of "
-            "the final clip, after loop and frame_multiplier."
+            "the final clip, after loop and frame_multiplier. At most 64 sketches."
         ),
     )
     sketch_scale: float = Field(

@@ -201,3 +201,15 @@ def test_sketches_loop_and_multiplier_end_to_end(tmp_path):
     assert steps[-1].split()[1].split("/")[0] == steps[-1].split("/")[1]  # progress ends at its total
     assert int(steps[-1].split("/")[1]) > 1  # the in-between pass is counted too (steps=1 per pass)
     assert json.loads(json.dumps(result.json()))["seed"] == 9
+
+
+def test_sketches_per_request_are_bounded(tmp_path):
+    from tooncrafter.schema import MAX_SKETCHES
+
+    with _client(tmp_path) as client:
+        body = {"keyframe_image_urls": two_keyframes(), "loop": True, "frame_multiplier": 4,
+                "sketch_image_urls": [_sketch(i, "http://a/s.png") for i in range(MAX_SKETCHES + 1)]}
+        response = client.post(Q, json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "sketch_image_urls"]
+    assert f"at most {MAX_SKETCHES} sketches" in response.json()["detail"][0]["msg"]
