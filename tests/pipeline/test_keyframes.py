@@ -246,7 +246,7 @@ def test_loop_invariants_over_many_plans():
             for lengths in [None] + [random_lengths(rng, num_keyframes, num_frames) for _ in range(3)]:
                 positions = keyframe_positions(num_keyframes, num_frames, lengths, loop=True)
                 assert positions[0] == 0 and positions[-1] <= num_frames - 1
-                assert all(b > a for a, b in zip(positions, positions[1:]))
+                assert all(b > a for a, b in itertools.pairwise(positions))
                 picks = frame_picks(num_keyframes, num_frames, lengths, loop=True)
                 assert len(picks) == num_frames
                 # keyframe k appears exactly once, at its position, as the first frame of window k
