@@ -10,8 +10,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 class UsageError(Exception):
@@ -25,6 +25,14 @@ def _lengths(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 6,5,5, got {text!r}") from None
 
 
+def _sketch_spec(text: str) -> tuple[int, str]:
+    """FRAME:PATH (PATH may itself hold colons: a URL, a data: URI)."""
+    frame, sep, source = text.partition(":")
+    if not sep or not frame.strip().isdigit() or not source.strip():
+        raise argparse.ArgumentTypeError(f"expected FRAME:PATH with FRAME an output frame number, like 5:s5.png, got {text!r}")
+    return int(frame), source.strip()
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
@@ -35,6 +43,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default float32 on CPU, float16 on CUDA)")
     parser.add_argument("--offload", action="store_true", help="keep CLIP and the VAE off the GPU while the UNet samples")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first run, faster steps)")
+    parser.add_argument(
+        "--sketch-checkpoint",
+        help="sketch_encoder.ckpt / .safetensors (or a directory holding one), read only when sketches are used "
+        "(default: TOONCRAFTER_SKETCH_CHECKPOINT, else Doubiiu/ToonCrafter's sketch_encoder.ckpt from the hub)",
+    )
 
 
 def _add_contract_option(parser: argparse.ArgumentParser, flag: str, field: str, kind: type) -> None:
@@ -65,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help=field_help("seed") + " (printed)")
     gen.add_argument("--keyframe-lengths", type=_lengths, help="frames per keyframe, e.g. 6,5,5 (sum = model frames)")
     gen.add_argument("--keep-all-frames", action="store_true", help="with >2 keyframes keep every frame of every pair")
+    gen.add_argument("--loop", action="store_true", help=field_help("loop"))
+    _add_contract_option(gen, "--frame-multiplier", "frame_multiplier", int)
+    gen.add_argument(
+        "--sketch", action="append", type=_sketch_spec, default=[], metavar="FRAME:PATH",
+        help="line art guiding output frame FRAME (repeatable; a path, URL or data: URI). " + field_help("sketch_image_urls"),
+    )
+    gen.add_argument(
+        "--sketch-from-image", action="append", type=_sketch_spec, default=[], metavar="FRAME:PATH",
+        help="like --sketch, but PATH is an ordinary picture whose edges become the sketch (repeatable). "
+        + field_help("extract_lines", "sketch"),
+    )
+    _add_contract_option(gen, "--sketch-scale", "sketch_scale", float)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_options(gen)
 
@@ -106,6 +131,8 @@ def option_name(loc: Sequence[object]) -> str:
     index = f" {int(rest[0]) + 1}" if rest and rest[0].isdigit() else ""
     if field == "keyframe_image_urls":
         return f"KEYFRAME{index}"
+    if field == "sketch_image_urls":
+        return f"--sketch/--sketch-from-image{index}" if index else "--sketch"
     return "--" + field.replace("_", "-") + (f" entry{index}" if index else "")
 
 
@@ -126,12 +153,23 @@ def _validated_input(args: argparse.Namespace):
         "seed": args.seed,
         "keyframe_lengths": args.keyframe_lengths,
         "keep_all_frames": args.keep_all_frames,
+        "loop": args.loop,
+        "frame_multiplier": args.frame_multiplier,
+        "sketch_image_urls": _sketch_entries(args) or None,
+        "sketch_scale": args.sketch_scale,
     }
     try:
         return ToonCrafterInput.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise UsageError(f"{option_name(first['loc'])}: {describe_error(first)}") from None
+
+
+def _sketch_entries(args: argparse.Namespace) -> list[dict]:
+    """`--sketch` then `--sketch-from-image` entries as the endpoint's `sketch_image_urls` items."""
+    drawn = [{"frame": frame, "url": source} for frame, source in args.sketch]
+    pictures = [{"frame": frame, "url": source, "extract_lines": True} for frame, source in args.sketch_from_image]
+    return drawn + pictures
 
 
 def _served_frames(checkpoint: str | None) -> int:
@@ -148,7 +186,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from tooncrafter.media import MediaError
     from tooncrafter.media.images import load_image
     from tooncrafter.media.video import VIDEO_CONTENT_TYPES
-    from tooncrafter.schema import ContractError, check_fits_model
+    from tooncrafter.schema import ContractError, check_request_fits_model
 
     # Everything the user typed is checked before torch is imported or a weight is read.
     inputs = _validated_input(args)
@@ -161,8 +199,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             images.append(load_image(source))
         except (MediaError, OSError) as exc:
             raise UsageError(f"KEYFRAME {i + 1} ({source[:80]}): {exc}") from None
+    sketch_images = []
+    for i, sketch in enumerate(inputs.sketch_image_urls or ()):
+        try:
+            sketch_images.append(load_image(sketch.url))
+        except (MediaError, OSError) as exc:
+            raise UsageError(f"{option_name(['sketch_image_urls', i])} ({sketch.frame}:{sketch.url[:80]}): {exc}") from None
     try:
-        check_fits_model(len(images), inputs.keyframe_lengths, _served_frames(args.checkpoint))
+        check_request_fits_model(inputs, _served_frames(args.checkpoint))
     except ContractError as exc:
         raise UsageError(f"{option_name([exc.field])}: {exc}") from None
 
@@ -172,13 +216,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from tooncrafter.media.video import write_video
     from tooncrafter.pipeline import ToonCrafterPipeline
 
+    sketch_checkpoint = args.sketch_checkpoint
+    if sketch_checkpoint is None and sketch_images:
+        from tooncrafter.settings import Settings
+
+        sketch_checkpoint = Settings().sketch_checkpoint  # TOONCRAFTER_SKETCH_CHECKPOINT
     pipeline = ToonCrafterPipeline.from_pretrained(
-        args.checkpoint, device=args.device, dtype=args.dtype, offload=args.offload, compile=args.compile
+        args.checkpoint, device=args.device, dtype=args.dtype, offload=args.offload, compile=args.compile,
+        sketch_checkpoint=sketch_checkpoint,
     )
     seed = inputs.seed if inputs.seed is not None else random_seed()
-    request = GenerationRequest.from_input(inputs, images, seed)
+    request = GenerationRequest.from_input(inputs, images, seed, sketch_images)
+
+    def on_step(step: int, total: int) -> None:
+        bar.total = total  # every pass of the request (a frame multiplier adds passes)
+        bar.update(step - bar.n)
+
     with tqdm(total=inputs.steps, desc="denoising", unit="step", disable=args.quiet, file=sys.stderr) as bar:
-        result = pipeline(request, on_step=lambda step, total: bar.update(1))
+        result = pipeline(request, on_step=on_step)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_video(result.frames, output, fps=inputs.fps)
     print(f"seed: {result.seed}")
@@ -215,7 +270,7 @@ def _settings_from_args(args: argparse.Namespace):
     from tooncrafter.settings import Settings
 
     overrides = {}
-    for name in ("checkpoint", "device", "dtype"):
+    for name in ("checkpoint", "device", "dtype", "sketch_checkpoint"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -298,6 +353,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("tooncrafter.model.checkpoint", "CheckpointError"),
         ("tooncrafter.model.config", "ConfigError"),
         ("tooncrafter.weights", "WeightsNotFoundError"),
+        ("tooncrafter.generation", "SketchGuidanceUnavailable"),
     ):
         module = sys.modules.get(module_name)
         error = getattr(module, class_name, None) if module is not None else None

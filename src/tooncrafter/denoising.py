@@ -1,18 +1,22 @@
 """Step 2 of the method, the network side: the UNet as the denoiser `denoise(x, t) -> v` that `sample_ddim` calls.
 
 Classifier-free guidance runs cond and uncond in ONE batched UNet call per step; `guide`
-(sampling.py) combines them with the official guidance rescale.
+(sampling.py) combines them with the official guidance rescale. Sketch guidance (optional) runs the
+sketch encoder on the same rows each step and hands its residuals to that one UNet call; the
+uncond rows get the same sketches, as both public re-implementations do.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tooncrafter.conditioning import Conditioning
 from tooncrafter.model.loader import ToonCrafterComponents
+from tooncrafter.model.sketch_encoder import encode_sketches
 from tooncrafter.sampling import Denoiser, NoiseSchedule, guide
 
 GUIDANCE_RESCALE = 0.7  # the official sampler's `guidance_rescale`
@@ -28,8 +32,23 @@ def noise_schedule(components: ToonCrafterComponents) -> NoiseSchedule:
     return NoiseSchedule.from_config(components.config.diffusion)
 
 
-def unet_velocities(unet: nn.Module, cond: Conditioning, dtype: torch.dtype) -> Velocities:
-    """The UNet's v for the cond rows and, when `cond` has an unconditional context, the uncond rows, in one call."""
+@dataclass(frozen=True)
+class SketchGuidance:
+    """Line art for some frames of a batch of B windows: `sketches` `[B, T, 1, H, W]` in [0, 1] (white lines on
+    black; zeros where `frame_mask` `[B, T]` is False, which get no guidance), the encoder, and the strength."""
+
+    encoder: nn.Module
+    sketches: torch.Tensor
+    frame_mask: torch.Tensor
+    scale: float
+
+
+def unet_velocities(
+    unet: nn.Module, cond: Conditioning, dtype: torch.dtype, sketch: SketchGuidance | None = None
+) -> Velocities:
+    """The UNet's v for the cond rows and, when `cond` has an unconditional context, the uncond rows, in one call.
+
+    With `sketch`, the sketch encoder's residuals (`encode_sketches`) for those same rows go into that call."""
     guided = cond.context_uncond is not None
     if guided:
         c_concat = torch.cat([cond.c_concat, cond.c_concat])
@@ -43,19 +62,32 @@ def unet_velocities(unet: nn.Module, cond: Conditioning, dtype: torch.dtype) -> 
     unet_in = torch.cat([torch.empty_like(c_concat), c_concat], dim=1).to(dtype)
     x_slots = unet_in[:, :channels].unflatten(0, (-1, batch))  # [1 or 2, B, C, T, h, w]
     timesteps = torch.empty(unet_in.shape[0], device=unet_in.device, dtype=torch.long)
+    if sketch is not None:
+        rows = 2 if guided else 1
+        sketches = sketch.sketches.to(unet_in.device).repeat(rows, 1, 1, 1, 1)  # [rows B, T, 1, H, W]
+        mask = sketch.frame_mask.to(unet_in.device).repeat(rows, 1)
+        x_rows = unet_in[:, :channels]  # [rows B, C, T, h, w]: the noisy latent without the concat condition
 
     def velocities(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         x_slots.copy_(x.unsqueeze(0))
         timesteps.fill_(t)
-        v = unet(unet_in, timesteps, context, fs).float()
+        if sketch is None:
+            v = unet(unet_in, timesteps, context, fs)
+        else:
+            residuals = encode_sketches(sketch.encoder, x_rows, timesteps, context, sketches, mask, sketch.scale)
+            v = unet(unet_in, timesteps, context, fs, sketch_residuals=residuals)
+        v = v.float()
         return v.chunk(2) if guided else (v, None)
 
     return velocities
 
 
-def guided_denoiser(unet: nn.Module, cond: Conditioning, cfg_scale: float, dtype: torch.dtype) -> Denoiser:
-    """`denoise(x, t) -> v_guided`: CFG at `cfg_scale` plus guidance rescale (none at all when cfg_scale == 1)."""
-    velocities = unet_velocities(unet, cond, dtype)
+def guided_denoiser(
+    unet: nn.Module, cond: Conditioning, cfg_scale: float, dtype: torch.dtype, sketch: SketchGuidance | None = None
+) -> Denoiser:
+    """`denoise(x, t) -> v_guided`: CFG at `cfg_scale` plus guidance rescale (none at all when cfg_scale == 1),
+    sketch-guided where `sketch` says."""
+    velocities = unet_velocities(unet, cond, dtype, sketch)
     scale = cfg_scale if cond.context_uncond is not None else 1.0
 
     def denoise(x: torch.Tensor, t: int) -> torch.Tensor:

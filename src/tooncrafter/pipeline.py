@@ -1,7 +1,8 @@
 """ToonCrafter inference: a request of keyframes in, frames out.
 
 `ToonCrafterPipeline.__call__` is the official `image_guided_synthesis`, generalised to N keyframes
-by sampling one window per adjacent pair (keyframes.py), all windows in one batch:
+by sampling one window per adjacent pair (keyframes.py; with `loop` also last -> first), all windows
+in one batch:
 
 1. plan the windows and the output frames, preprocess the keyframes (short side to the model size,
    centre crop, [-1, 1]), and draw the noise from one CPU `torch.Generator` seeded by the request,
@@ -10,6 +11,11 @@ by sampling one window per adjacent pair (keyframes.py), all windows in one batc
    (conditioning.py)
 3. guided DDIM sampling: cond and uncond in one batched UNet call per step (denoising.py, sampling.py)
 4. dual-reference decode with the official middle-frame splice (decoding.py), then pick the frames
+5. with `frame_multiplier` m > 1, the same steps again on windows between every two adjacent output
+   frames, in batches of `inbetween_batch`, putting m-1 of their frames between the two
+
+Sketch guidance (sketching.py) adds the sketch encoder's residuals to the UNet in step 3, for the
+window frames that become sketched output frames; without sketches, or at scale 0, nothing changes.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,9 +35,14 @@ from tooncrafter.batching import UNetBatcher
 from tooncrafter.conditioning import ConditionEncoder
 from tooncrafter.cpu_allocator import reuse_freed_memory
 from tooncrafter.decoding import decode_latents
-from tooncrafter.denoising import guided_denoiser, noise_schedule
+from tooncrafter.denoising import SketchGuidance, guided_denoiser, noise_schedule
 from tooncrafter.generation import GenerationRequest, GenerationResult, ProgressCallback
-from tooncrafter.media.tensors import preprocess_keyframe, video_to_frames
+from tooncrafter.keyframes import FrameSource
+from tooncrafter.media.tensors import (
+    frames_to_pixels,
+    preprocess_keyframe,
+    video_to_frames,
+)
 from tooncrafter.model.checkpoint import has_component, read_state_dict
 from tooncrafter.model.config import ToonCrafterConfig, builtin_config, load_config
 from tooncrafter.model.cpu_prepack import prepack_convolutions
@@ -39,16 +50,53 @@ from tooncrafter.model.gemm_conv import use_gemm_convolutions
 from tooncrafter.model.loader import ToonCrafterComponents, load_components
 from tooncrafter.model.mapped_pages import release_module_pages
 from tooncrafter.placement import Placement, resolve_device, resolve_dtype
-from tooncrafter.sampling import DDIMStepOutput, ddim_schedule, generator_noise, randn_tensor, sample_ddim
+from tooncrafter.sampling import (
+    DDIMStepOutput,
+    NoiseFn,
+    ddim_schedule,
+    generator_noise,
+    randn_tensor,
+    sample_ddim,
+)
+from tooncrafter.sketching import LazySketchEncoder, prepare_sketches, window_sketches
 
 logger = logging.getLogger(__name__)
 
 
-def _progress(on_step: ProgressCallback | None) -> Callable[[DDIMStepOutput], None] | None:
-    """The sampler's per-step callback as `on_step(step, total)`, step 1-based."""
-    if on_step is None:
-        return None
-    return lambda out: on_step(out.index + 1, out.total)
+INBETWEEN_BATCH = 4
+"""In-between windows sampled together (`frame_multiplier`): bounds the pass's memory to about that of a
+four-keyframe request whatever the clip's length."""
+# Streams of derived seeds for the in-between pass (`_derived_generator`)
+_WINDOW_STREAM, _POSTERIOR_STREAM = 1, 2
+
+
+class _Progress:
+    """The sampler's per-step callbacks as `on_step(step, total)`: step 1-based, counted across passes."""
+
+    def __init__(self, on_step: ProgressCallback | None, total: int) -> None:
+        self.on_step, self.total, self.done = on_step, total, 0
+
+    def next_pass(self) -> Callable[[DDIMStepOutput], None] | None:
+        if self.on_step is None:
+            return None
+        offset, on_step = self.done, self.on_step
+
+        def callback(out: DDIMStepOutput) -> None:
+            self.done = offset + out.index + 1
+            on_step(self.done, self.total)
+
+        return callback
+
+
+def _batches(count: int, size: int) -> list[range]:
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def _derived_generator(seed: int, stream: int, index: int) -> torch.Generator:
+    """A CPU generator of its own for item `index` of `stream`, seeded from the request's seed (numpy's
+    SeedSequence mixes the three into well-separated seeds)."""
+    state = np.random.SeedSequence([seed, stream, index]).generate_state(2, np.uint32)
+    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 class ToonCrafterPipeline:
@@ -61,13 +109,21 @@ class ToonCrafterPipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         offload: bool = False,
+        sketch_checkpoint: str | Path | None = None,
+        inbetween_batch: int = INBETWEEN_BATCH,
     ) -> None:
+        """`sketch_checkpoint`: the sketch encoder's weights (None: the hub's `sketch_encoder.ckpt`), read on the
+        first request with sketches. `inbetween_batch`: in-between windows sampled together."""
+        if inbetween_batch < 1:
+            raise ValueError(f"inbetween_batch must be >= 1, got {inbetween_batch}")
         self.components = components
         self.config: ToonCrafterConfig = components.config
         self.placement = Placement(torch.device(device), dtype, offload)
         self.schedule = noise_schedule(components)
         self._encoder = ConditionEncoder(components, self.placement)
         self._unet = UNetBatcher(components.unet)  # the UNet, merging the calls of concurrent requests (batching.py)
+        self.sketch_encoder = LazySketchEncoder(sketch_checkpoint, self.config.unet, self.placement)
+        self.inbetween_batch = inbetween_batch
 
     @classmethod
     def from_pretrained(
@@ -80,10 +136,12 @@ class ToonCrafterPipeline:
         compile: bool = False,
         progress: bool = True,
         require_clip: bool = True,
+        sketch_checkpoint: str | Path | None = None,
     ) -> ToonCrafterPipeline:
         """Find the weights (path, directory or the Hugging Face hub), build on `meta`, load to device/dtype.
 
-        `compile` wraps the UNet (the one network that runs every step) in `torch.compile`.
+        `compile` wraps the UNet (the one network that runs every step) in `torch.compile`. The sketch encoder
+        (`sketch_checkpoint`, else the hub's) is loaded only when a request first brings sketches.
         """
         from tooncrafter.weights import resolve_checkpoint, resolve_open_clip_weights
 
@@ -109,7 +167,7 @@ class ToonCrafterPipeline:
                 prepack_convolutions(components.unet)  # oneDNN-packed weights for the other bf16 convs (cpu_prepack.py)
         if compile:
             components.unet.compile(dynamic=False)
-        return cls(components, device=device, dtype=dtype, offload=offload)
+        return cls(components, device=device, dtype=dtype, offload=offload, sketch_checkpoint=sketch_checkpoint)
 
     @property
     def num_frames(self) -> int:
@@ -124,7 +182,7 @@ class ToonCrafterPipeline:
     @torch.no_grad()
     def __call__(self, request: GenerationRequest, *, on_step: ProgressCallback | None = None) -> GenerationResult:
         """Keyframes + options -> uint8 frames `[F, H, W, 3]`. `on_step(step, total)` follows every denoising
-        step; an exception raised in it (e.g. `GenerationCancelled`) stops the request there."""
+        step of every pass; an exception raised in it (e.g. `GenerationCancelled`) stops the request there."""
         device = self.placement.device
         with reuse_freed_memory() if device.type == "cpu" else contextlib.nullcontext():
             return self._generate(request, on_step)
@@ -169,54 +227,133 @@ class ToonCrafterPipeline:
 
     def _generate(self, request: GenerationRequest, on_step: ProgressCallback | None) -> GenerationResult:
         device = self.placement.device
-        # 1. plan, preprocess, noise
+        # 1. plan (keyframe windows, in-between windows, where each output frame comes from), preprocess, noise
         num_keyframes = len(request.keyframes)
-        windows = keyframe_plan.plan_windows(num_keyframes)
-        picks = keyframe_plan.frame_picks(
-            num_keyframes, self.num_frames, request.keyframe_lengths, keep_all=request.keep_all_frames
+        plan = keyframe_plan.plan_clip(
+            num_keyframes, self.num_frames, request.keyframe_lengths,
+            keep_all=request.keep_all_frames, loop=request.loop, multiplier=request.frame_multiplier,
         )
+        sketches = {}
+        if request.uses_sketches:
+            sketches = prepare_sketches(request.sketches, *self.pixel_size, plan.num_output_frames)
+            self.sketch_encoder.get()  # loaded (or its absence reported) before any sampling
+        batches = _batches(len(plan.inbetween_windows), self.inbetween_batch)
+        progress = _Progress(on_step, request.steps * (1 + len(batches)))
         pixels = self._preprocess(request.keyframes)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        posterior_noise, x_T = self._draw_noise(len(windows), generator)
+        posterior_noise, x_T = self._draw_noise(plan.windows, num_keyframes, generator)
 
+        # 2-4. the keyframe pass: conditioning, guided DDIM sampling, dual-reference decode of every window
+        sketch = self.sketch_encoder.guidance(
+            window_sketches(sketches, plan.sources, 0, range(len(plan.windows)), self.num_frames), request.sketch_scale
+        )
+        window_frames = self._sample_windows(
+            pixels, plan.windows, request, posterior_noise, x_T.to(device),
+            generator_noise(generator, device, torch.float32), sketch, progress,
+        )
+        first = np.stack([window_frames[window][index] for window, index in plan.picks])
+        if not plan.inbetween_windows:
+            return GenerationResult(frames=first, seed=request.seed)
+
+        # 5. the in-between pass: one window between every two adjacent frames of the first pass, in batches
+        made = {(0, window, index): frames[index] for window, frames in enumerate(window_frames) for index in range(len(frames))}
+        for batch in batches:
+            made.update(self._inbetween_batch(first, plan, batch, request, sketches, progress))
+        return GenerationResult(frames=np.stack([made[source] for source in plan.sources]), seed=request.seed)
+
+    def _sample_windows(
+        self,
+        pixels: torch.Tensor,
+        windows: Sequence[tuple[int, int]],
+        request: GenerationRequest,
+        posterior_noise: torch.Tensor,
+        x_T: torch.Tensor,
+        noise_fn: NoiseFn,
+        sketch: SketchGuidance | None,
+        progress: _Progress,
+    ) -> list[np.ndarray]:
+        """Windows over `pixels` `[K, 3, H, W]` -> each window's uint8 frames `[T, H, W, 3]` (steps 2-4)."""
         # 2. encode the conditioning
         cond = self._encoder(
             pixels, windows, prompt=request.prompt, cfg_scale=request.cfg_scale,
             motion_steps=request.motion_steps, posterior_noise=posterior_noise,
         )
-
         # 3. guided DDIM sampling
         plan = ddim_schedule(self.schedule, request.steps, request.eta)
-        denoise = guided_denoiser(self._unet, cond, request.cfg_scale, self.placement.dtype)
-        latents = sample_ddim(
-            denoise, x_T.to(device), plan, generator_noise(generator, device, torch.float32), callback=_progress(on_step)
-        )
-
-        # 4. decode each window against its two references, then pick the output frames; the UNet's mapped
-        # fp32 pages are not read again in this request: back to the page cache with them (CPU peak memory)
-        if device.type == "cpu" and self._unet.members <= 1:  # (not while other requests of a batch still sample)
+        denoise = guided_denoiser(self._unet, cond, request.cfg_scale, self.placement.dtype, sketch)
+        latents = sample_ddim(denoise, x_T, plan, noise_fn, callback=progress.next_pass())
+        # 4. decode each window against its two references; the UNet's mapped fp32 pages are not read during the
+        # decode: back to the page cache with them (CPU peak memory), unless other requests of a batch still sample
+        if self.placement.device.type == "cpu" and self._unet.members <= 1:
             release_module_pages(self.components.unet)
         videos = decode_latents(
             self.components.vae, latents, cond.ref_context,
             scale_factor=self.config.diffusion.scale_factor, placement=self.placement,
         )
-        window_frames = [video_to_frames(video) for video in videos.cpu()]
-        frames = np.stack([window_frames[window][index] for window, index in picks])
-        return GenerationResult(frames=frames, seed=request.seed)
+        return [video_to_frames(video) for video in videos.cpu()]
+
+    def _inbetween_batch(
+        self,
+        first: np.ndarray,
+        plan: keyframe_plan.ClipPlan,
+        batch: range,
+        request: GenerationRequest,
+        sketches: dict[int, torch.Tensor],
+        progress: _Progress,
+    ) -> dict[FrameSource, np.ndarray]:
+        """In-between windows `batch` (pairs of first-pass frames `first` `[F, H, W, 3]`) -> their frames.
+
+        Each window draws its noise from its own generator (seeded from the request's seed and its index) and
+        each frame its posterior noise likewise, so a window's result does not depend on how they are batched.
+        """
+        device = self.placement.device
+        pairs = [plan.inbetween_windows[k] for k in batch]
+        frames = sorted({f for pair in pairs for f in pair})
+        local = {f: i for i, f in enumerate(frames)}
+        channels, (h, w) = self.config.diffusion.channels, self.config.latent_size
+        posterior_noise = torch.cat([
+            randn_tensor((1, channels, h, w), _derived_generator(request.seed, _POSTERIOR_STREAM, f), "cpu", torch.float32)
+            for f in frames
+        ])
+        generators = [_derived_generator(request.seed, _WINDOW_STREAM, k) for k in batch]
+        x_T = torch.cat([randn_tensor((1, channels, self.num_frames, h, w), g, device, torch.float32) for g in generators])
+
+        def noise_fn(step_index: int, shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.cat([randn_tensor((1, *shape[1:]), g, device, torch.float32) for g in generators])
+
+        sketch = self.sketch_encoder.guidance(
+            window_sketches(sketches, plan.sources, 1, batch, self.num_frames), request.sketch_scale
+        )
+        window_frames = self._sample_windows(
+            frames_to_pixels(first[frames]), [(local[a], local[b]) for a, b in pairs], request,
+            posterior_noise, x_T, noise_fn, sketch, progress,
+        )
+        return {
+            FrameSource(1, k, index): frames_k[index]
+            for k, frames_k in zip(batch, window_frames)
+            for index in keyframe_plan.inbetween_frames(self.num_frames, request.frame_multiplier)
+        }
 
     def _preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL keyframes -> `[K, 3, H, W]` in [-1, 1] at the model size (the official inference transform)."""
         height, width = self.pixel_size
         return torch.stack([preprocess_keyframe(image, height, width) for image in images])
 
-    def _draw_noise(self, num_windows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw_noise(
+        self, windows: Sequence[tuple[int, int]], num_keyframes: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior noise `[K, C, h, w]` and x_T `[B, C, T, h, w]`, drawn as the official batch of B windows would.
 
-        The official code draws posterior noise for every frame of every window (`[B*T, C, h, w]`); keyframe i
-        takes window i's first frame, the last keyframe the last window's last frame.
+        The official code draws posterior noise for every frame of every window (`[B*T, C, h, w]`); keyframe k
+        takes that of the first frame of the first window starting with it, else of the last frame of the
+        first window ending with it (in a chain: keyframe i takes window i's first frame, the last keyframe
+        the last window's last frame).
         """
         frames, (h, w), channels = self.num_frames, self.config.latent_size, self.config.diffusion.channels
-        drawn = randn_tensor((num_windows * frames, channels, h, w), generator, "cpu", torch.float32)
-        posterior_noise = drawn[[i * frames for i in range(num_windows)] + [num_windows * frames - 1]]
-        x_T = randn_tensor((num_windows, channels, frames, h, w), generator, "cpu", torch.float32)
-        return posterior_noise, x_T
+        drawn = randn_tensor((len(windows) * frames, channels, h, w), generator, "cpu", torch.float32)
+        rows = []
+        for k in range(num_keyframes):
+            starts = [i for i, (a, _) in enumerate(windows) if a == k]
+            rows.append(starts[0] * frames if starts else next(i for i, (_, b) in enumerate(windows) if b == k) * frames + frames - 1)
+        x_T = randn_tensor((len(windows), channels, frames, h, w), generator, "cpu", torch.float32)
+        return drawn[rows], x_T

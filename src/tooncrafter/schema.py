@@ -8,20 +8,55 @@ the same errors to exit code 2.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from tooncrafter.keyframes import check_keyframe_lengths
+from tooncrafter.keyframes import check_keyframe_lengths, inbetween_frames, plan_clip
 
 MAX_KEYFRAMES = 16
 MAX_SEED = 2**32 - 1
+# Sketch guidance strength: both public re-implementations default their `control_scale` to 0.6 and
+# offer 0..2 (mattyamonaca/ToonCrafter_with_SketchGuidance, kijai/ComfyUI-DynamiCrafterWrapper).
+DEFAULT_SKETCH_SCALE = 0.6
+MAX_SKETCH_SCALE = 2.0
+# Sketches per request: each is one more URL the worker fetches. 64 covers every frame of the 512 model's
+# longest clip without keep_all_frames (a loop at frame_multiplier 4).
+MAX_SKETCHES = 64
 
 EXAMPLE_KEYFRAMES = [
     "https://storage.googleapis.com/falserverless/web-examples/tooncrafter/image-1.png",
     "https://storage.googleapis.com/falserverless/web-examples/tooncrafter/image-2.png",
     "https://storage.googleapis.com/falserverless/web-examples/tooncrafter/image-3.png",
 ]
+
+
+class SketchImage(BaseModel):
+    """Line art for one output frame (extension input `sketch_image_urls`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    frame: int = Field(
+        ...,
+        ge=0,
+        description="The output frame (0-based, in the final clip: after loop and frame_multiplier) this drawing guides.",
+    )
+    url: str = Field(
+        ...,
+        min_length=1,
+        description=(
+            "The drawing: an http(s) URL, a `data:` URI or a URL of this server's own storage, fetched like the "
+            "keyframes. Dark lines on light paper or light lines on dark (told apart by the median grey); "
+            "resized and cropped like the keyframes."
+        ),
+    )
+    extract_lines: bool = Field(
+        False,
+        description=(
+            "The image is an ordinary picture (e.g. a keyframe), not line art: its edges, found with the Canny "
+            "operator (kornia.filters.canny on the greyscale frame), become the sketch."
+        ),
+    )
 
 
 class ToonCrafterInput(BaseModel):
@@ -72,15 +107,52 @@ class ToonCrafterInput(BaseModel):
             "Frames per keyframe when their runs are laid end to end: one entry per keyframe, each >= 1, summing "
             "to the model's temporal length (16). It places keyframe i on the output frame at the centre of its run "
             "(scaled so the first and last keyframes are the first and last frames). With two keyframes it cannot "
-            "change the result (the model pins only the first and last frame)."
+            "change the result (the model pins only the first and last frame). With `loop` the runs go around a "
+            "cycle of 16 frames: keyframe 1 on frame 0, keyframe i at its run's centre counted from keyframe 1's "
+            "centre, and the clip wraps back to keyframe 1 after the last run (two keyframes are then always half "
+            "the cycle apart, so it changes nothing there either)."
         ),
     )
     keep_all_frames: bool = Field(
         False,
         description=(
             "Extension (not in fal's schema): with more than two keyframes, keep every frame of every pair's window "
-            "instead of fitting the clip into 16 frames: (N-1)*15+1 frames."
+            "instead of fitting the clip into 16 frames: (N-1)*15+1 frames (N*15 with loop)."
         ),
+    )
+    loop: bool = Field(
+        False,
+        description=(
+            "Extension: a seamless loop. A last transition goes from the last keyframe back to the first, so the clip "
+            "repeats without a jump; the first frame is not repeated at the end of the file. The clip keeps its "
+            "frame count (16, or N*15 with keep_all_frames)."
+        ),
+    )
+    frame_multiplier: Literal[1, 2, 4] = Field(
+        1,
+        description=(
+            "Extension: 2 or 4 runs the model again between every two adjacent frames of the clip (and from the last "
+            "back to the first with loop) and keeps 1 or 3 of its in-betweens: (F-1)*m+1 frames for F frames "
+            "(F*m with loop), the first pass's frames (the keyframes among them) unchanged. fps is not changed, so "
+            "the clip plays m times longer; raise fps by m for the same duration. Each extra pass costs about F "
+            "windows of sampling."
+        ),
+    )
+    sketch_image_urls: list[SketchImage] | None = Field(
+        None,
+        max_length=MAX_SKETCHES,
+        description=(
+            "Extension: sketch guidance. Line art for chosen output frames, a list of `{frame, url}` (any subset of "
+            "frames, each at most once); the sketch encoder (ToonCrafter's released sketch_encoder.ckpt, a "
+            "ControlNet) steers those frames and frames without a sketch get no guidance. `frame` counts frames of "
+            "the final clip, after loop and frame_multiplier. At most 64 sketches."
+        ),
+    )
+    sketch_scale: float = Field(
+        DEFAULT_SKETCH_SCALE,
+        ge=0.0,
+        le=MAX_SKETCH_SCALE,
+        description="Extension: strength of the sketch guidance, 0 to 2; 0 ignores the sketches.",
     )
 
     @field_validator("keyframe_image_urls")
@@ -90,6 +162,21 @@ class ToonCrafterInput(BaseModel):
             if not isinstance(url, str) or not url.strip():
                 raise ValueError(f"keyframe {i} is empty")
         return [u.strip() for u in urls]
+
+    @field_validator("sketch_image_urls")
+    @classmethod
+    def _one_sketch_per_frame(cls, sketches: list[SketchImage] | None) -> list[SketchImage] | None:
+        # the frames' upper bound needs the served model (`check_request_fits_model`)
+        if not sketches:
+            return sketches
+        first: dict[int, int] = {}
+        for index, sketch in enumerate(sketches):
+            if not sketch.url.strip():
+                raise ValueError(f"entry {index} has an empty url")
+            if sketch.frame in first:
+                raise ValueError(f"frame {sketch.frame} has two sketches (entries {first[sketch.frame]} and {index})")
+            first[sketch.frame] = index
+        return [sketch.model_copy(update={"url": sketch.url.strip()}) for sketch in sketches]
 
     @field_validator("keyframe_lengths")
     @classmethod
@@ -107,9 +194,11 @@ def field_default(name: str) -> Any:
     return ToonCrafterInput.model_fields[name].default
 
 
-def field_help(name: str) -> str:
-    """The one-line explanation of field `name` (the OpenAPI description), for the CLI's help."""
-    return ToonCrafterInput.model_fields[name].description or ""
+def field_help(name: str, model: Literal["input", "sketch"] = "input") -> str:
+    """The one-line explanation of field `name` (the OpenAPI description) of the input or of one sketch entry,
+    for the CLI's help."""
+    fields = (ToonCrafterInput if model == "input" else SketchImage).model_fields
+    return fields[name].description or ""
 
 
 def contract_defaults() -> dict[str, Any]:
@@ -143,6 +232,29 @@ def check_fits_model(num_keyframes: int, keyframe_lengths: list[int] | None, num
             raise ContractError("keyframe_lengths", str(exc)) from None
 
 
+def check_request_fits_model(inputs: ToonCrafterInput, num_frames: int) -> int:
+    """Every rule that needs the served model's frame count T (`check_fits_model`, the frame multiplier, the
+    sketches' frames); returns the number of frames the request makes."""
+    num_keyframes = len(inputs.keyframe_image_urls)
+    check_fits_model(num_keyframes, inputs.keyframe_lengths, num_frames)
+    try:
+        inbetween_frames(num_frames, inputs.frame_multiplier)
+    except ValueError as exc:
+        raise ContractError("frame_multiplier", str(exc)) from None
+    plan = plan_clip(
+        num_keyframes, num_frames, inputs.keyframe_lengths,
+        keep_all=inputs.keep_all_frames, loop=inputs.loop, multiplier=inputs.frame_multiplier,
+    )
+    total = plan.num_output_frames
+    for index, sketch in enumerate(inputs.sketch_image_urls or ()):
+        if sketch.frame >= total:
+            raise ContractError(
+                "sketch_image_urls",
+                f"entry {index}: frame {sketch.frame} is past the clip, which has {total} frames (0 to {total - 1})",
+            )
+    return total
+
+
 class File(BaseModel):
     """A file the service stores and serves (fal's `File`)."""
 
@@ -163,7 +275,7 @@ class ToonCrafterOutput(BaseModel):
 # Validation errors in our own words
 # ------------------------------------------------------------------------------------------------
 
-_ITEM_NOUNS = {"keyframe_image_urls": "keyframes", "keyframe_lengths": "entries"}
+_ITEM_NOUNS = {"keyframe_image_urls": "keyframes", "keyframe_lengths": "entries", "sketch_image_urls": "sketches"}
 
 
 def _bound(ctx: dict[str, Any], key: str) -> Any:
@@ -205,6 +317,10 @@ def describe_error(error: dict[str, Any]) -> str:
         return "must be a number"
     if kind == "finite_number":
         return "must be a finite number"
+    if kind == "literal_error" and "expected" in ctx:
+        return f"must be one of {ctx['expected']}"
+    if kind == "extra_forbidden":
+        return "is not a known field"
     if kind in ("bool_parsing", "bool_type"):
         return "must be true or false"
     if kind in ("string_type", "string_sub_type"):

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] | None = Field(
         None, description="Weights/activations dtype; absent or 'auto' = float16 on GPU, float32 on CPU."
     )
+    sketch_checkpoint: str | None = Field(
+        None,
+        description="The sketch encoder's weights (sketch_encoder.ckpt or a .safetensors of its keys, or a directory "
+        "holding one), read by a worker on its first request with sketches; absent = Doubiiu/ToonCrafter's "
+        "sketch_encoder.ckpt from the Hugging Face hub.",
+    )
     offload: bool = Field(False, description="Keep idle components (CLIP, VAE) on the CPU between uses.")
     compile: bool = Field(False, description="torch.compile the UNet at load time.")
 

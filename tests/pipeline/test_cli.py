@@ -99,6 +99,11 @@ BAD_INPUTS = [
     (["--prompt", "x" * 2001], "--prompt: is longer than 2000 characters"),
     (["-o", "clip.avi"], "--output: unsupported video type '.avi'"),
     (["--checkpoint", "/nonexistent/model.ckpt"], "--checkpoint /nonexistent/model.ckpt: no such file"),
+    (["--frame-multiplier", "3"], "--frame-multiplier: must be one of 1, 2 or 4"),
+    (["--sketch-scale", "2.5"], "--sketch-scale: must be <= 2, got 2.5"),
+    (["--sketch", f"5:{EXAMPLES / 'keyframe_1.png'}", "--sketch-from-image", f"5:{EXAMPLES / 'keyframe_2.png'}"],
+     "--sketch: frame 5 has two sketches (entries 0 and 1)"),
+    (["--sketch", "3:/nonexistent/s3.png"], "(3:/nonexistent/s3.png): image file not found"),
 ]
 
 
@@ -139,6 +144,38 @@ def test_keyframe_lengths_must_sum_to_the_loaded_models_frames(model_dir: Path, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "keyframe-lengths" in proc.stderr and str(model_config.num_frames) in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.mp4").exists()
+
+
+def test_generate_a_loop_with_a_multiplier_and_sketches(model_dir: Path, model_config, needs_clip, tmp_path: Path) -> None:
+    import os
+
+    from helpers.sketch import write_tiny_sketch_checkpoint
+
+    sketch_checkpoint = write_tiny_sketch_checkpoint(tmp_path / "sketch_encoder.ckpt", model_config.unet)
+    out = tmp_path / "loop.mp4"
+    last = 2 * model_config.num_frames - 1  # the last frame of a 2x loop
+    proc = subprocess.run(
+        [sys.executable, "-m", "tooncrafter.cli", "generate", str(EXAMPLES / "keyframe_1.png"), str(EXAMPLES / "keyframe_2.png"),
+         "-o", str(out), "--checkpoint", str(model_dir), "--steps", "1", "--cfg-scale", "1", "--seed", "3", "--loop",
+         "--frame-multiplier", "2", "--sketch", f"1:{EXAMPLES / 'keyframe_2.png'}",
+         "--sketch-from-image", f"{last}:{EXAMPLES / 'keyframe_1.png'}", "--sketch-scale", "0.8"],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "TOONCRAFTER_SKETCH_CHECKPOINT": str(sketch_checkpoint)},  # the setting, not the flag
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _probe(out)[0] == 2 * model_config.num_frames  # a loop of T frames, doubled; frame 0 not repeated
+    assert f"({2 * model_config.num_frames} frames" in proc.stdout
+
+
+def test_sketch_frames_must_be_inside_the_clip_of_the_loaded_model(model_dir: Path, model_config, needs_clip, tmp_path: Path) -> None:
+    past = model_config.num_frames  # one past the last frame of a plain clip
+    proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), str(EXAMPLES / "keyframe_2.png"), "-o", str(tmp_path / "x.mp4"),
+                "--checkpoint", str(model_dir), "--sketch", f"{past}:{EXAMPLES / 'keyframe_1.png'}")
+    assert proc.returncode == 2 and "--sketch: entry 0: frame" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run("generate", str(EXAMPLES / "keyframe_1.png"), str(EXAMPLES / "keyframe_2.png"), "-o", str(tmp_path / "x.mp4"),
+                "--checkpoint", str(model_dir), "--sketch", f"{past}:{EXAMPLES / 'keyframe_1.png'}", "--frame-multiplier", "2",
+                "--sketch-checkpoint", str(tmp_path / "nowhere.ckpt"), "--steps", "1")
+    assert proc.returncode == 2 and "--sketch-checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_convert_writes_safetensors_that_load_the_same(fixture_set, tmp_path: Path) -> None:

@@ -8,11 +8,15 @@ import random
 import pytest
 
 from tooncrafter.keyframes import (
+    FRAME_MULTIPLIERS,
     FramePick,
-    frame_picks,
-    keyframe_positions,
-    plan_windows,
+    FrameSource,
     check_keyframe_lengths,
+    frame_picks,
+    inbetween_frames,
+    keyframe_positions,
+    plan_clip,
+    plan_windows,
 )
 
 
@@ -212,3 +216,79 @@ def test_positions_follow_run_centres_exhaustively_for_small_cases():
                 span = centres[-1] - centres[0]
                 expected = [int((num_frames - 1) * (c - centres[0]) / span + 0.5 + 1e-9) for c in centres]
                 assert keyframe_positions(num_keyframes, num_frames, lengths) == expected, lengths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loops and frame multipliers (extension inputs)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_loop_adds_the_wrap_around_window_and_drops_the_repeated_first_frame():
+    assert plan_windows(2, loop=True) == [(0, 1), (1, 0)]
+    assert plan_windows(4, loop=True) == [(0, 1), (1, 2), (2, 3), (3, 0)]
+    # equal runs around a 16-frame cycle: keyframe i on round(i * 16 / N)
+    assert keyframe_positions(2, 16, loop=True) == [0, 8]
+    assert keyframe_positions(3, 16, loop=True) == [0, 5, 11]
+    assert keyframe_positions(3, 16, [6, 5, 5], loop=True) == [0, 6, 11]  # centres 3, 8.5, 13.5 from keyframe 1's
+    # two run centres on a cycle are always half of it apart: lengths cannot move two keyframes here either
+    assert all(keyframe_positions(2, 16, [n, 16 - n], loop=True) == [0, 8] for n in range(1, 16))
+    assert keyframe_positions(3, 16, [2, 2, 12], loop=True) == [0, 2, 9]
+    picks = frame_picks(2, 16, loop=True)
+    assert len(picks) == 16 and picks[0] == (0, 0) and picks[8] == (1, 0)
+    assert picks[-1].window == 1 and picks[-1].frame < 15  # ends inside last -> first, before keyframe 0 again
+    assert (1, 15) not in picks
+
+
+def test_loop_invariants_over_many_plans():
+    rng = random.Random(7)
+    for num_frames in range(4, 25):
+        for num_keyframes in range(2, min(16, num_frames) + 1):
+            for lengths in [None] + [random_lengths(rng, num_keyframes, num_frames) for _ in range(3)]:
+                positions = keyframe_positions(num_keyframes, num_frames, lengths, loop=True)
+                assert positions[0] == 0 and positions[-1] <= num_frames - 1
+                assert all(b > a for a, b in itertools.pairwise(positions))
+                picks = frame_picks(num_keyframes, num_frames, lengths, loop=True)
+                assert len(picks) == num_frames
+                # keyframe k appears exactly once, at its position, as the first frame of window k
+                for k, p in enumerate(positions):
+                    assert picks[p] == (k, 0)
+                    assert [i for i, pick in enumerate(picks) if pick in ((k, 0), ((k - 1) % num_keyframes, num_frames - 1))] == [p]
+                keep = frame_picks(num_keyframes, num_frames, lengths, keep_all=True, loop=True)
+                assert len(keep) == num_keyframes * (num_frames - 1)
+                assert keep[-1] == (num_keyframes - 1, num_frames - 2)
+
+
+def test_inbetween_frames_are_evenly_spaced_and_never_an_end():
+    assert inbetween_frames(16, 1) == []
+    assert inbetween_frames(16, 2) == [8]  # 7.5 rounds half up
+    assert inbetween_frames(16, 4) == [4, 8, 11]  # 3.75, 7.5, 11.25
+    assert inbetween_frames(8, 4) == [2, 4, 5]
+    for num_frames in range(5, 33):
+        for m in (2, 4):
+            frames = inbetween_frames(num_frames, m)
+            assert len(set(frames)) == m - 1 and all(0 < f < num_frames - 1 for f in frames)
+    with pytest.raises(ValueError, match="1, 2, 4"):
+        inbetween_frames(16, 3)
+    with pytest.raises(ValueError, match="fewer than 3"):
+        inbetween_frames(4, 4)
+
+
+@pytest.mark.parametrize("num_keyframes", [2, 3])
+@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("keep_all", [False, True])
+def test_plan_clip_frame_counts_and_sources(num_keyframes, loop, keep_all):
+    num_frames = 16
+    first = len(frame_picks(num_keyframes, num_frames, keep_all=keep_all, loop=loop))
+    for m in FRAME_MULTIPLIERS:
+        plan = plan_clip(num_keyframes, num_frames, keep_all=keep_all, loop=loop, multiplier=m)
+        assert plan.num_output_frames == (first * m if loop else (first - 1) * m + 1)
+        assert plan.windows == plan_windows(num_keyframes, loop)
+        assert len(plan.inbetween_windows) == (0 if m == 1 else first if loop else first - 1)
+        # every m-th frame is the first pass's frame, in order: the keyframes stay where they were
+        assert [tuple(s) for s in plan.sources[::m]] == [(0, *pick) for pick in plan.picks]
+        between = inbetween_frames(num_frames, m)
+        for g, source in enumerate(plan.sources):
+            if g % m:
+                assert source == FrameSource(1, g // m, between[g % m - 1])
+        if loop and m > 1:
+            assert plan.inbetween_windows[-1] == (first - 1, 0)  # the wrap-around pair of generated frames

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -49,12 +50,21 @@ def test_page_and_assets_are_served(tmp_path):
     with TestClient(create_app(make_settings(tmp_path), generator_factory=fake_factory())) as client:
         page = client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        for field in ("prompt", "steps", "cfg_scale", "eta", "motion_steps", "fps", "seed", "keyframe_lengths", "keep_all_frames"):
+        for field in ("prompt", "steps", "cfg_scale", "eta", "motion_steps", "fps", "seed", "keyframe_lengths", "keep_all_frames",
+                      "loop", "frame_multiplier", "sketch_scale"):
             assert f'<label for="{field}"' in page.text, field
         assert "lower = more motion" in page.text
         assert "script-src 'self'" in page.headers["content-security-policy"]
         script = client.get("/playground/app.js")
         assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+        # app.js is an ES module: every module it (or they) import is served from the same fixed list
+        imported = set(re.findall(r'from "\./([\w-]+\.js)"', script.text))
+        for name in sorted(imported):
+            module = client.get(f"/playground/{name}")
+            assert module.status_code == 200 and module.headers["content-type"].startswith("text/javascript"), name
+            imported |= set(re.findall(r'from "\./([\w-]+\.js)"', module.text))
+        assert {"sketches.js", "form.js", "run.js"} <= imported
+        assert all(client.get(f"/playground/{name}").status_code == 200 for name in imported)
         assert client.get("/playground/style.css").headers["content-type"].startswith("text/css")
         assert client.get("/playground/index.html").status_code == 404
         assert client.get("/playground/..%2Fapp.py").status_code != 200  # no directory walking
@@ -160,6 +170,43 @@ def test_generate_with_the_tiny_model(browser_dir, tmp_path, pngs):
     # history survived the reload
     assert out["items"] == [{"id": entry["request_id"], "status": "COMPLETED", "video": out["video"]["src"]}]
     assert entry["seed"] == int(out["seed"]) and out["reshown"] == out["video"]["src"]
+
+
+def test_loop_multiplier_and_sketches_from_the_page(browser_dir, tmp_path, pngs):
+    """The extension controls drive a real run on the tiny checkpoints (the worker's own factory, with the
+    sketch encoder from TOONCRAFTER_SKETCH_CHECKPOINT); a sketch frame past the clip is refused at its field."""
+    from helpers.sketch import write_tiny_sketch_checkpoint
+
+    from tooncrafter.model.config import load_config
+    from tooncrafter.service.worker import default_generator_factory
+
+    config = load_config(TINY_CHECKPOINT / "config.yaml")
+    sketch_checkpoint = write_tiny_sketch_checkpoint(tmp_path / "weights" / "sketch_encoder.ckpt", config.unet)
+    lines = tmp_path / "lines.png"
+    lines.write_bytes(png_bytes((255, 255, 255), size=(96, 64)))
+    settings = make_settings(
+        tmp_path, checkpoint=str(TINY_CHECKPOINT), device="cpu", dtype="float32", sketch_checkpoint=str(sketch_checkpoint)
+    )
+    clip = 2 * config.num_frames  # a loop of T frames at multiplier 2
+    with running_server(create_app(settings, generator_factory=default_generator_factory)) as server:
+        data = {**pngs, "lines": str(lines), "steps": 1, "lastFrame": clip - 1}
+        out = run_browser(browser_dir, "extensions", server, data, tmp_path)
+        (entry,) = out["history"]
+        job = server.store.get(entry["request_id"])
+    assert [e for e in page_errors(out) if "422" not in e] == []  # only the refused frame 999
+    assert out["framesPlain"] == str(config.num_frames) and out["framesLoop2"] == str(clip)
+    assert "past the clip" in out["tooFar"] and "frame 3 already has a sketch" in out["duplicate"]
+    assert [s["frame"] for s in out["sketches"]] == ["3", str(clip - 1)] and "lines extracted" in out["sketches"][1]["name"]
+    sent = job.input
+    assert sent["loop"] is True and sent["frame_multiplier"] == 2 and sent["sketch_scale"] == 0.8
+    assert [(s["frame"], s.get("extract_lines", False)) for s in sent["sketch_image_urls"]] == [(3, False), (clip - 1, True)]
+    assert all(s["url"].startswith(f"{server.base_url}/files/") for s in sent["sketch_image_urls"])
+    assert json.loads(job.result_json)["video"]["url"]
+    # progress spans both passes; the code tab and the history carry the sketches
+    totals = {maximum for _, maximum in out["seen"]["progress"] if maximum > 1}
+    assert totals and max(totals) > 1
+    assert '"sketch_image_urls"' in out["code"] and '"frame_multiplier": 2' in out["code"]
+    assert "2 sketches" in out["historyText"]
 
 
 def test_queue_position_and_cancel(browser_dir, tmp_path, pngs):

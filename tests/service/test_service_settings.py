@@ -16,7 +16,9 @@ def test_env_names_and_defaults(monkeypatch, tmp_path):
     monkeypatch.setenv("TOONCRAFTER_CHECKPOINT", "/models/tc")
     monkeypatch.setenv("TOONCRAFTER_DEVICE", "cuda:1")
     monkeypatch.setenv("TOONCRAFTER_DTYPE", "bfloat16")
+    monkeypatch.setenv("TOONCRAFTER_SKETCH_CHECKPOINT", "/models/sketch_encoder.ckpt")
     settings = Settings()
+    assert settings.sketch_checkpoint == "/models/sketch_encoder.ckpt"
     assert settings.api_keys == ["k1", "id:secret"] and settings.auth_enabled
     assert settings.allow_private_urls and settings.public_url == "https://api.example.test"
     assert (settings.checkpoint, settings.device, settings.dtype) == ("/models/tc", "cuda:1", "bfloat16")

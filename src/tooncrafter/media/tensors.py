@@ -64,3 +64,12 @@ def video_to_frames(video: torch.Tensor) -> np.ndarray:
     x = (x.clamp(-1.0, 1.0) + 1.0) / 2.0
     frames = (x * 255).to(torch.uint8)
     return frames.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def frames_to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames `[F, H, W, 3]` (already at the model size) -> `[F, 3, H, W]` in [-1, 1], with the same float
+    ops as `preprocess_keyframe`: generated frames fed back to the model (the in-between pass)."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
+        raise MediaError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    return pixels.to(torch.float32).div(255).sub(0.5).div(0.5).contiguous()

@@ -28,6 +28,7 @@ attention, which attends to the whole context, text and every frame's image toke
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,7 +38,11 @@ from torch import nn
 
 from tooncrafter.model.checkpoint import CheckpointError, load_into, read_state_dict
 from tooncrafter.model.config import UNetConfig
-from tooncrafter.model.transformer import TEXT_CONTEXT_LENGTH, Attention, SpatialTransformer
+from tooncrafter.model.transformer import (
+    TEXT_CONTEXT_LENGTH,
+    Attention,
+    SpatialTransformer,
+)
 from tooncrafter.model.unet import UNetStage
 from tooncrafter.model.unet_blocks import Downsample, ResBlock, timestep_embedding
 
@@ -47,8 +52,7 @@ HINT_WIDTHS: tuple[int, ...] = (16, 32, 96, 256)
 HINT_DOWNSAMPLE = 2 ** (len(HINT_WIDTHS) - 1)
 # The released encoder reads one-channel line art.
 SKETCH_CHANNELS = 1
-# The guidance strength both re-implementations default to (their `control_scale` slider).
-DEFAULT_SKETCH_SCALE = 0.6
+# (The guidance strength's default, 0.6 in both re-implementations, is the endpoint's: schema.DEFAULT_SKETCH_SCALE.)
 SKETCH_COMPONENT = "sketch_encoder"
 
 ContextTokens = Literal["text", "all"]
@@ -80,7 +84,7 @@ class SketchEncoderConfig:
             raise ValueError(f"sketch encoder: model_channels={self.model_channels} must be a multiple of 32 (GroupNorm)")
 
     @classmethod
-    def from_unet(cls, unet: UNetConfig, *, context_tokens: ContextTokens = "text") -> "SketchEncoderConfig":
+    def from_unet(cls, unet: UNetConfig, *, context_tokens: ContextTokens = "text") -> SketchEncoderConfig:
         """The encoder that fits `unet`: same widths, levels, heads and context; latent channels in."""
         return cls(
             in_channels=unet.out_channels,  # the noisy latent only, not the concat condition
@@ -109,7 +113,7 @@ class SketchEncoderConfig:
 def _hint_block(hint_channels: int, model_channels: int) -> nn.Sequential:
     """Sketch [N, 1, H, W] -> [N, model_channels, H/8, W/8]: conv3x3 + SiLU pairs, even indices are convs."""
     layers: list[nn.Module] = [nn.Conv2d(hint_channels, HINT_WIDTHS[0], 3, padding=1), nn.SiLU()]
-    for width_in, width_out in zip(HINT_WIDTHS[:-1], HINT_WIDTHS[1:]):
+    for width_in, width_out in itertools.pairwise(HINT_WIDTHS):
         layers += [nn.Conv2d(width_in, width_in, 3, padding=1), nn.SiLU()]
         layers += [nn.Conv2d(width_in, width_out, 3, padding=1, stride=2), nn.SiLU()]
     layers.append(nn.Conv2d(HINT_WIDTHS[-1], model_channels, 3, padding=1))
@@ -247,7 +251,7 @@ def encode_sketches(
     context: torch.Tensor,
     sketches: torch.Tensor,
     frame_mask: torch.Tensor,
-    scale: float = DEFAULT_SKETCH_SCALE,
+    scale: float,
 ) -> list[torch.Tensor] | None:
     """The residuals for `UNet3D(..., sketch_residuals=...)`, or None when there is nothing to add.
 

@@ -16,7 +16,8 @@ through any API process reach the worker through the job's `cancel_requested` fl
 steps at most every `CANCEL_POLL_S`.
 
 Error results (replayed by the result endpoint, the status shows COMPLETED with `error`):
-    422  a keyframe URL cannot be fetched or decoded, keyframe_lengths do not fit the model
+    422  a keyframe or sketch URL cannot be fetched or decoded, keyframe_lengths (or sketch frames, the
+         frame multiplier) do not fit the model, sketches sent to a worker without sketch weights
     400  cancelled (error_type request_cancelled)
     503  out of GPU memory        500  anything else ("Internal Server Error")
 """
@@ -41,6 +42,7 @@ from tooncrafter.generation import (
     GenerationCancelled,
     GenerationRequest,
     Generator,
+    SketchGuidanceUnavailable,
     random_seed,
 )
 from tooncrafter.logs import request_id_var
@@ -50,7 +52,7 @@ from tooncrafter.schema import (
     File,
     ToonCrafterInput,
     ToonCrafterOutput,
-    check_fits_model,
+    check_request_fits_model,
     describe_error,
 )
 from tooncrafter.service.background import BackgroundLoop
@@ -78,7 +80,8 @@ def default_generator_factory(settings: Settings) -> Generator:
     from tooncrafter.pipeline import ToonCrafterPipeline
 
     return ToonCrafterPipeline.from_pretrained(
-        settings.checkpoint, device=settings.device, dtype=settings.dtype, offload=settings.offload, compile=settings.compile
+        settings.checkpoint, device=settings.device, dtype=settings.dtype, offload=settings.offload, compile=settings.compile,
+        sketch_checkpoint=settings.sketch_checkpoint,
     )
 
 
@@ -435,7 +438,7 @@ class Worker(BackgroundLoop):
             first = exc.errors()[0]
             raise field_error(list(first["loc"]), describe_error(first), first["type"]) from exc
         try:
-            check_fits_model(len(params.keyframe_image_urls), params.keyframe_lengths, self._generator.num_frames)
+            check_request_fits_model(params, self._generator.num_frames)
         except ContractError as exc:
             raise field_error([exc.field], str(exc)) from exc
         if self._cancelled(run):
@@ -443,6 +446,8 @@ class Worker(BackgroundLoop):
 
         self.store.add_log(job.id, f"Loading {len(params.keyframe_image_urls)} keyframes")
         keyframes = self._load_keyframes(job, params.keyframe_image_urls)
+        sketch_urls = [sketch.url for sketch in params.sketch_image_urls or ()]
+        sketches = self._load_keyframes(job, sketch_urls, field="sketch_image_urls", noun="sketch") if sketch_urls else []
         seed = params.seed if params.seed is not None else random_seed()
         self.store.add_log(job.id, f"Generating with seed {seed}")
 
@@ -460,7 +465,14 @@ class Worker(BackgroundLoop):
                 raise GenerationCancelled(f"cancelled after step {step} of {total}")
 
         try:
-            result = self._generator(GenerationRequest.from_input(params, keyframes, seed), on_step=on_step)
+            result = self._generator(GenerationRequest.from_input(params, keyframes, seed, sketches), on_step=on_step)
+        except SketchGuidanceUnavailable as exc:
+            logger.error("job %s: sketch guidance is unavailable: %s", job.id, exc)
+            raise field_error(
+                ["sketch_image_urls"],
+                "this server cannot use sketches (its sketch encoder weights or line extraction are not installed); "
+                "send the request without sketch_image_urls, or ask the operator (TOONCRAFTER_SKETCH_CHECKPOINT)",
+            ) from exc
         finally:
             run.leave_batch()  # the video encoding and upload below need no batch
 
@@ -486,8 +498,9 @@ class Worker(BackgroundLoop):
             status_code=200, body=output.model_dump(mode="json"), inference_time=inference_time, file_keys=[stored.key]
         )
 
-    def _load_keyframes(self, job: Job, urls: list[str]) -> list:
-        """Fetch every keyframe concurrently and decode it; a bad one is a 422 naming its index."""
+    def _load_keyframes(self, job: Job, urls: list[str], *, field: str = "keyframe_image_urls", noun: str = "keyframe") -> list:
+        """Fetch every keyframe (or every sketch of `field`) concurrently and decode it; a bad one is a 422 naming
+        its index. The pixel budget holds for each list."""
         limits = FetchLimits(
             max_bytes=self.settings.input_max_bytes,
             timeout_s=self.settings.input_timeout_s,
@@ -503,7 +516,7 @@ class Worker(BackgroundLoop):
         fetched = asyncio.run(fetch_all())
         for index, data in enumerate(fetched):
             if isinstance(data, InputError):
-                raise field_error(["keyframe_image_urls", index], f"could not load keyframe {index}: {data}")
+                raise field_error([field, index], f"could not load {noun} {index}: {data}")
             if isinstance(data, BaseException):
                 raise data
         total = 0
@@ -511,12 +524,12 @@ class Worker(BackgroundLoop):
             try:
                 width, height = image_size(data)
             except ValueError as exc:
-                raise field_error(["keyframe_image_urls", index], f"keyframe {index} is not a usable image: {exc}") from exc
+                raise field_error([field, index], f"{noun} {index} is not a usable image: {exc}") from exc
             total += width * height
             if total > self.settings.request_max_pixels:
                 raise field_error(
-                    ["keyframe_image_urls"],
-                    f"the keyframes have more than {self.settings.request_max_pixels} pixels together "
+                    [field],
+                    f"the {noun} images have more than {self.settings.request_max_pixels} pixels together "
                     f"(TOONCRAFTER_REQUEST_MAX_PIXELS); send smaller images (each is resized to the model's size anyway)",
                 )
         images = []
@@ -524,5 +537,5 @@ class Worker(BackgroundLoop):
             try:
                 images.append(decode_image(data))
             except ValueError as exc:
-                raise field_error(["keyframe_image_urls", index], f"keyframe {index} is not a usable image: {exc}") from exc
+                raise field_error([field, index], f"{noun} {index} is not a usable image: {exc}") from exc
         return images

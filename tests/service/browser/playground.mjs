@@ -145,6 +145,50 @@ const scenarios = {
     };
   },
 
+  // the extension inputs: loop, frame multiplier, sketch scale, a sketch attached to an output frame (and one
+  // whose lines are extracted), a sketch frame past the clip refused at its field, then a run with the real model
+  async extensions(page) {
+    await open(page);
+    await upload(page, [input.red, input.blue], 2);
+    const framesPlain = await text(page, "#clip-frames");
+    await page.check("#loop");
+    await page.selectOption("#frame_multiplier", "2");
+    const framesLoop2 = await text(page, "#clip-frames");
+    await page.click("#sketch-box summary");
+    await page.fill("#sketch_scale", "0.8");
+    await page.fill("#steps", String(input.steps));
+    await page.fill("#sketch-frame", "999");
+    await page.setInputFiles("#sketch-files", [input.lines]);
+    await page.waitForSelector(".sketch[data-state=ready]");
+    await page.click("#submit");
+    await page.waitForSelector("#sketch_image_urls-error:not(:empty)");
+    const tooFar = await text(page, "#sketch_image_urls-error");
+    await page.click("[aria-label='Remove sketch for frame 999']");
+    await page.fill("#sketch-frame", "3");
+    await page.setInputFiles("#sketch-files", [input.lines]);
+    await page.fill("#sketch-frame", "3");
+    await page.setInputFiles("#sketch-files", [input.green]);
+    const duplicate = await text(page, "#sketch_image_urls-error");
+    await page.fill("#sketch-frame", String(input.lastFrame));
+    await page.check("#sketch-extract");
+    await page.setInputFiles("#sketch-files", [input.green]);
+    await page.waitForFunction(() => document.querySelectorAll(".sketch[data-state=ready]").length === 2);
+    const sketches = await page.$$eval(".sketch", (els) => els.map((e) => ({ frame: e.dataset.frame, name: e.querySelector(".kf-name").textContent })));
+    await page.screenshot({ path: join(artifacts, "playground-sketches.png"), fullPage: true });
+    await watchProgress(page);
+    await page.click("#submit");
+    await waitStatus(page, "COMPLETED");
+    await page.waitForFunction(() => document.getElementById("result-video").duration > 0, null, { timeout: 30_000 });
+    await page.click("#tab-code");
+    const code = await text(page, "#code");
+    await page.click("#tab-history");
+    const historyText = await text(page, "#history");
+    return {
+      framesPlain, framesLoop2, tooFar, duplicate, sketches, code, historyText,
+      seen: await page.evaluate(() => window.__seen), history: await history(page),
+    };
+  },
+
   // bad inputs: each 422 shows its message at the field it names
   async invalid(page) {
     await open(page);

@@ -1,7 +1,7 @@
 """The playground: a self-hosted page for trying the endpoint in a browser, before writing code.
 
     GET /                    the page (static/index.html)
-    GET /playground/{name}   its script and style sheet (a fixed list: no directory walking)
+    GET /playground/{name}   its scripts (ES modules) and style sheet (a fixed list: no directory walking)
     GET /playground/config   what the page must know about this server: whether it needs an API
                              key, the model's frame count, the endpoint id and the endpoint's defaults
 
@@ -21,7 +21,9 @@ from tooncrafter.service.api.deps import get_runtime
 from tooncrafter.service.runtime import Runtime
 
 STATIC_DIR = Path(__file__).parents[1] / "static"
-ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+# The page's ES modules (app.js imports the others) and its style sheet.
+SCRIPTS = ("app.js", "api.js", "state.js", "form.js", "keyframes.js", "sketches.js", "run.js", "history.js", "code.js", "tabs.js")
+ASSETS = {**{name: "text/javascript; charset=utf-8" for name in SCRIPTS}, "style.css": "text/css; charset=utf-8"}
 # The page loads its own script and style sheet only; media and API calls may go to other origins
 # (S3 video URLs, PUBLIC_URL behind a proxy, keyframe URLs the user pastes).
 PAGE_HEADERS = {

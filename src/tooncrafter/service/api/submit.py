@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from fastapi import Depends, Query, Request
 
-from tooncrafter.schema import ContractError, ToonCrafterInput, check_fits_model
+from tooncrafter.schema import ContractError, ToonCrafterInput, check_request_fits_model
 from tooncrafter.service.api.deps import get_runtime, require_owner
 from tooncrafter.service.api.protocol import (
     ProtocolError,
@@ -23,8 +23,8 @@ from tooncrafter.service.api.protocol import (
 from tooncrafter.service.inputs import InputError, decode_data_uri
 from tooncrafter.service.jobs import Job
 from tooncrafter.service.jobs.tables import PRIORITIES
-from tooncrafter.service.runtime import Runtime
 from tooncrafter.service.outbound import OutboundURLError
+from tooncrafter.service.runtime import Runtime
 from tooncrafter.service.stored_inputs import save_input
 from tooncrafter.service.webhooks import check_webhook_url
 from tooncrafter.settings import Settings
@@ -32,23 +32,28 @@ from tooncrafter.settings import Settings
 
 def check_input_urls(params: ToonCrafterInput, settings: Settings, num_frames: int) -> None:
     """Submit-time checks the schema cannot do: the served model's frame count (keyframes it can place,
-    `keyframe_lengths`), URL schemes, data URIs that decode within the size limit."""
+    `keyframe_lengths`, sketch frames, the frame multiplier), URL schemes, data URIs that decode within the
+    size limit (keyframes and sketches alike)."""
     try:
-        check_fits_model(len(params.keyframe_image_urls), params.keyframe_lengths, num_frames)
+        check_request_fits_model(params, num_frames)
     except ContractError as exc:
         raise field_error_response([exc.field], str(exc)) from exc
 
     for index, url in enumerate(params.keyframe_image_urls):
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme == "data":
-            try:
-                decode_data_uri(url, max_bytes=settings.input_max_bytes)
-            except (InputError, ValueError) as exc:
-                raise field_error_response(["keyframe_image_urls", index], f"keyframe {index}: {exc}") from exc
-        elif scheme not in ("http", "https"):
-            raise field_error_response(
-                ["keyframe_image_urls", index], f"keyframe {index} must be an http(s) URL or a data: URI"
-            )
+        _check_input_url("keyframe_image_urls", "keyframe", index, url, settings)
+    for index, sketch in enumerate(params.sketch_image_urls or ()):
+        _check_input_url("sketch_image_urls", "sketch", index, sketch.url, settings)
+
+
+def _check_input_url(field: str, noun: str, index: int, url: str, settings: Settings) -> None:
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        try:
+            decode_data_uri(url, max_bytes=settings.input_max_bytes)
+        except (InputError, ValueError) as exc:
+            raise field_error_response([field, index], f"{noun} {index}: {exc}") from exc
+    elif scheme not in ("http", "https"):
+        raise field_error_response([field, index], f"{noun} {index} must be an http(s) URL or a data: URI")
 
 
 def start_deadline(request: Request) -> float | None:
