@@ -192,7 +192,7 @@ def test_loop_multiplier_and_sketches_from_the_page(browser_dir, tmp_path, pngs)
         data = {**pngs, "lines": str(lines), "steps": 1, "lastFrame": clip - 1}
         out = run_browser(browser_dir, "extensions", server, data, tmp_path)
         (entry,) = out["history"]
-        job = server.store.get(entry["request_id"])
+        job = server.store.get(entry["request_id"], with_input=True)
     assert [e for e in page_errors(out) if "422" not in e] == []  # only the refused frame 999
     assert out["framesPlain"] == str(config.num_frames) and out["framesLoop2"] == str(clip)
     assert "past the clip" in out["tooFar"] and "frame 3 already has a sketch" in out["duplicate"]

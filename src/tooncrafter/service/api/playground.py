@@ -22,7 +22,7 @@ from tooncrafter.service.runtime import Runtime
 
 STATIC_DIR = Path(__file__).parents[1] / "static"
 # The page's ES modules (app.js imports the others) and its style sheet.
-SCRIPTS = ("app.js", "api.js", "state.js", "form.js", "keyframes.js", "sketches.js", "run.js", "history.js", "code.js", "tabs.js")
+SCRIPTS = ("app.js", "api.js", "state.js", "form.js", "keyframes.js", "sketches.js", "run.js", "history_store.js", "history.js", "code.js", "tabs.js")
 ASSETS = {**{name: "text/javascript; charset=utf-8" for name in SCRIPTS}, "style.css": "text/css; charset=utf-8"}
 # The page loads its own script and style sheet only; media and API calls may go to other origins
 # (S3 video URLs, PUBLIC_URL behind a proxy, keyframe URLs the user pastes).

@@ -9,12 +9,13 @@
 import { BASE, KEY_STORAGE, api } from "./api.js";
 import { renderCode } from "./code.js";
 import { clearError, clearErrors, setFormValues } from "./form.js";
-import { loadHistory, renderHistory, saveHistory, updateHistory } from "./history.js";
+import { renderHistory } from "./history.js";
+import { loadHistory, onHistoryChange, saveHistory, updateHistory } from "./history_store.js";
 import { addFiles, addUrl, renderKeyframes, setKeyframes } from "./keyframes.js";
 import { cancel, follow, submit } from "./run.js";
 import { addSketchFile, renderClipFrames, setSketches } from "./sketches.js";
 import { $, state } from "./state.js";
-import { TABS, selectTab } from "./tabs.js";
+import { TABS, onTabShown, selectTab } from "./tabs.js";
 
 async function loadConfig() {
   try {
@@ -87,6 +88,9 @@ function wireKeyframes() {
 
 function wire() {
   state.changed = () => { renderClipFrames(); renderCode(); };
+  onHistoryChange(renderHistory);
+  onTabShown("code", renderCode);
+  onTabShown("history", renderHistory);
   $("input-form").addEventListener("submit", submit);
   $("input-form").addEventListener("input", (e) => { if (e.target.id) clearError(e.target.id); state.changed(); });
   $("reset").addEventListener("click", () => { clearErrors(); setFormValues({}); setKeyframes([]); setSketches([]); });

@@ -1,31 +1,11 @@
-// Requests made from this browser, kept in localStorage: shown, reopened, their inputs reused.
+// The History tab: requests made from this browser (history_store.js) shown, reopened, their inputs reused.
 import { setFormValues } from "./form.js";
 import { setKeyframes } from "./keyframes.js";
+import { loadHistory } from "./history_store.js";
 import { follow, resetResultPane, setStatus, showOutput } from "./run.js";
 import { setSketches } from "./sketches.js";
 import { $, el } from "./state.js";
 import { selectTab } from "./tabs.js";
-
-const HISTORY_STORAGE = "tooncrafter.playground.history";
-const HISTORY_MAX = 30;
-
-export function loadHistory() {
-  try { return JSON.parse(localStorage.getItem(HISTORY_STORAGE)) || []; } catch { return []; }
-}
-
-export function saveHistory(entries) {
-  localStorage.setItem(HISTORY_STORAGE, JSON.stringify(entries.slice(0, HISTORY_MAX)));
-  renderHistory();
-}
-
-export function updateHistory(requestId, patch) {
-  const entries = loadHistory();
-  const entry = entries.find((e) => e.request_id === requestId);
-  if (!entry) return;
-  if (Object.entries(patch).every(([k, v]) => entry[k] === v)) return;
-  Object.assign(entry, patch);
-  saveHistory(entries);
-}
 
 export function renderHistory() {
   const list = $("history");

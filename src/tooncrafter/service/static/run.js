@@ -2,7 +2,7 @@
 // send an Authorization header; polling when the stream breaks), then the result; PUT cancel_url to stop.
 import { ApiError, BASE, api, authHeaders, sleep } from "./api.js";
 import { clearErrors, collectInput, showApiError, showError } from "./form.js";
-import { loadHistory, saveHistory, updateHistory } from "./history.js";
+import { loadHistory, saveHistory, updateHistory } from "./history_store.js";
 import { $, state } from "./state.js";
 import { selectTab } from "./tabs.js";
 
