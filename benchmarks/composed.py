@@ -1,10 +1,9 @@
-"""Our pipeline's steps on given keyframe pixels and noise, for the side-by-side benchmark.
+"""Our pipeline on given keyframe pixels and noise, for the side-by-side benchmark.
 
 `ToonCrafterPipeline.__call__` draws its own noise from the request's seed; to compare videos with the
 official code the benchmark feeds both the same preprocessed keyframes, posterior noise and x_T (as the
-parity tool does with the fixtures), so it composes the pipeline's public building blocks itself:
-conditioning -> guided DDIM -> dual-reference decode, exactly the steps 2-4 of `__call__`.
-`sample_ddim` is looked up in this module at call time so that the benchmark can time each step.
+parity tool does with the fixtures), through `ToonCrafterPipeline.sample_video`: steps 2-4 of `__call__`,
+the very code a request runs. The benchmark times each step by wrapping `tooncrafter.pipeline.sample_ddim`.
 """
 
 from __future__ import annotations
@@ -13,11 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from tooncrafter.conditioning import ConditionEncoder
-from tooncrafter.decoding import decode_latents
-from tooncrafter.denoising import guided_denoiser
 from tooncrafter.pipeline import ToonCrafterPipeline
-from tooncrafter.sampling import ddim_schedule, generator_noise, randn_tensor, sample_ddim
+from tooncrafter.sampling import generator_noise, randn_tensor
 
 
 def interpolate_pixels(
@@ -42,15 +38,10 @@ def interpolate_pixels(
         posterior_noise = drawn[[0, frames - 1]]
     if x_T is None:
         x_T = randn_tensor((1, channels, frames, h, w), generator, "cpu", torch.float32)
-    windows = [(0, 1)]
-    cond = ConditionEncoder(pipe.components, placement)(
-        pixels, windows, prompt=prompt, cfg_scale=cfg_scale, motion_steps=motion_steps, posterior_noise=posterior_noise
-    )
-    plan = ddim_schedule(pipe.schedule, steps, eta)
-    denoise = guided_denoiser(pipe.components.unet, cond, cfg_scale, placement.dtype)
     callback = (lambda out: on_step(out.index + 1, out.total)) if on_step is not None else None
-    latents = sample_ddim(
-        denoise, x_T.to(placement.device), plan, generator_noise(generator, placement.device, torch.float32), callback=callback
+    videos = pipe.sample_video(
+        pixels, [(0, 1)], prompt=prompt, steps=steps, cfg_scale=cfg_scale, eta=eta, motion_steps=motion_steps,
+        posterior_noise=posterior_noise, x_T=x_T, noise_fn=generator_noise(generator, placement.device, torch.float32),
+        callback=callback,
     )
-    videos = decode_latents(pipe.components.vae, latents, cond.ref_context, scale_factor=config.diffusion.scale_factor, placement=placement)
     return videos[0]

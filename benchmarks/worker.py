@@ -131,7 +131,7 @@ def main(spec_path: str, out_path: str) -> None:
         cpu_stamps.append(cpu_seconds())
 
     if spec["mode"] == "ours":
-        sampler_owner = composed
+        import tooncrafter.pipeline as sampler_owner
     else:
         import benchmarks.baseline as sampler_owner
     sample_ddim = sampler_owner.sample_ddim

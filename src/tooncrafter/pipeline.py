@@ -273,24 +273,52 @@ class ToonCrafterPipeline:
         progress: _Progress,
     ) -> list[np.ndarray]:
         """Windows over `pixels` `[K, 3, H, W]` -> each window's uint8 frames `[T, H, W, 3]` (steps 2-4)."""
-        # 2. encode the conditioning
-        cond = self._encoder(
-            pixels, windows, prompt=request.prompt, cfg_scale=request.cfg_scale,
-            motion_steps=request.motion_steps, posterior_noise=posterior_noise,
-        )
-        # 3. guided DDIM sampling
-        plan = ddim_schedule(self.schedule, request.steps, request.eta)
-        denoise = guided_denoiser(self._unet, cond, request.cfg_scale, self.placement.dtype, sketch)
-        latents = sample_ddim(denoise, x_T, plan, noise_fn, callback=progress.next_pass())
-        # 4. decode each window against its two references; the UNet's mapped fp32 pages are not read during the
-        # decode: back to the page cache with them (CPU peak memory), unless other requests of a batch still sample
-        if self.placement.device.type == "cpu" and self._unet.members <= 1:
-            release_module_pages(self.components.unet)
-        videos = decode_latents(
-            self.components.vae, latents, cond.ref_context,
-            scale_factor=self.config.diffusion.scale_factor, placement=self.placement,
+        videos = self.sample_video(
+            pixels, windows, prompt=request.prompt, steps=request.steps, cfg_scale=request.cfg_scale, eta=request.eta,
+            motion_steps=request.motion_steps, posterior_noise=posterior_noise, x_T=x_T, noise_fn=noise_fn,
+            sketch=sketch, callback=progress.next_pass(),
         )
         return [video_to_frames(video) for video in videos.cpu()]
+
+    @torch.no_grad()
+    def sample_video(
+        self,
+        pixels: torch.Tensor,
+        windows: Sequence[tuple[int, int]],
+        *,
+        prompt: str,
+        steps: int,
+        cfg_scale: float,
+        eta: float,
+        motion_steps: int,
+        posterior_noise: torch.Tensor,
+        x_T: torch.Tensor,
+        noise_fn: NoiseFn,
+        sketch: SketchGuidance | None = None,
+        callback: Callable[[DDIMStepOutput], None] | None = None,
+    ) -> torch.Tensor:
+        """Steps 2-4 of the method on given noise: preprocessed keyframes `[K, 3, H, W]` and their windows ->
+        float32 videos `[B, 3, T, H, W]` (not clamped). `__call__` draws the noise from the request's seed; the
+        side-by-side benchmark feeds the official code's own noise through here."""
+        device = self.placement.device
+        with reuse_freed_memory() if device.type == "cpu" else contextlib.nullcontext():
+            # 2. encode the conditioning
+            cond = self._encoder(
+                pixels, windows, prompt=prompt, cfg_scale=cfg_scale, motion_steps=motion_steps,
+                posterior_noise=posterior_noise,
+            )
+            # 3. guided DDIM sampling
+            plan = ddim_schedule(self.schedule, steps, eta)
+            denoise = guided_denoiser(self._unet, cond, cfg_scale, self.placement.dtype, sketch)
+            latents = sample_ddim(denoise, x_T.to(device), plan, noise_fn, callback=callback)
+            # 4. decode each window against its two references; the UNet's mapped fp32 pages are not read during
+            # the decode: back to the page cache with them (CPU peak memory), unless a batch's requests still sample
+            if device.type == "cpu" and self._unet.members <= 1:
+                release_module_pages(self.components.unet)
+            return decode_latents(
+                self.components.vae, latents, cond.ref_context,
+                scale_factor=self.config.diffusion.scale_factor, placement=self.placement,
+            )
 
     def _inbetween_batch(
         self,
