@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import numpy as np
 from PIL import Image
 
@@ -35,6 +36,9 @@ from tooncrafter.settings import Settings
 
 ENDPOINT = "fal-ai/toon-crafter"
 TINY_CHECKPOINT = DEFAULT_FIXTURES
+needs_tiny_checkpoint = pytest.mark.skipif(
+    not (TINY_CHECKPOINT / "model.ckpt").exists(), reason=f"no tiny fixture checkpoint at {TINY_CHECKPOINT}"
+)
 SERVICE_TESTS_DIR = Path(__file__).resolve().parents[1] / "service"
 
 

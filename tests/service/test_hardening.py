@@ -9,6 +9,7 @@ import pytest
 from helpers.service import (
     ENDPOINT,
     TINY_CHECKPOINT,
+    needs_tiny_checkpoint,
     fake_factory,
     make_settings,
     png_data_uri,
@@ -71,6 +72,7 @@ def test_malformed_webhook_urls_are_a_422_naming_fal_webhook(server, url: str) -
     assert response.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
 
 
+@needs_tiny_checkpoint
 def test_more_keyframes_than_the_model_can_place_is_a_422_at_submit(tmp_path) -> None:
     from tooncrafter.service.runtime import served_num_frames
 

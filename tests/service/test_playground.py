@@ -22,6 +22,7 @@ from helpers.service import (
     ENDPOINT,
     JS_DIR,
     TINY_CHECKPOINT,
+    needs_tiny_checkpoint,
     FakeGenerator,
     fake_factory,
     make_settings,
@@ -70,6 +71,7 @@ def test_page_and_assets_are_served(tmp_path):
         assert client.get("/playground/..%2Fapp.py").status_code != 200  # no directory walking
 
 
+@needs_tiny_checkpoint
 def test_config_tells_whether_a_key_is_needed(tmp_path):
     with TestClient(create_app(make_settings(tmp_path), generator_factory=fake_factory())) as client:
         assert client.get("/playground/config").json() == {
@@ -136,6 +138,7 @@ def page_errors(out: dict) -> list[str]:
     return out["consoleErrors"]
 
 
+@needs_tiny_checkpoint
 def test_generate_with_the_tiny_model(browser_dir, tmp_path, pngs):
     app = create_app(make_settings(tmp_path, checkpoint=str(TINY_CHECKPOINT)), generator_factory=tiny_pipeline_factory)
     with running_server(app) as server:
@@ -172,6 +175,7 @@ def test_generate_with_the_tiny_model(browser_dir, tmp_path, pngs):
     assert entry["seed"] == int(out["seed"]) and out["reshown"] == out["video"]["src"]
 
 
+@needs_tiny_checkpoint
 def test_loop_multiplier_and_sketches_from_the_page(browser_dir, tmp_path, pngs):
     """The extension controls drive a real run on the tiny checkpoints (the worker's own factory, with the
     sketch encoder from TOONCRAFTER_SKETCH_CHECKPOINT); a sketch frame past the clip is refused at its field."""
