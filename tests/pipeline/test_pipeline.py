@@ -11,17 +11,7 @@ from tooncrafter.conditioning import ConditionEncoder
 from tooncrafter.denoising import unet_velocities
 from tooncrafter.generation import GenerationCancelled, GenerationRequest
 from tooncrafter.media.tensors import preprocess_keyframe
-from tooncrafter.model.checkpoint import read_state_dict
-from tooncrafter.model.loader import load_components
 from tooncrafter.pipeline import ToonCrafterPipeline
-
-
-@pytest.fixture(scope="module")
-def pipeline(fixture_set) -> ToonCrafterPipeline:
-    components = load_components(fixture_set.config, read_state_dict(fixture_set.checkpoint_path))
-    if not components.has_clip:
-        pytest.skip("the fixture checkpoint has no CLIP towers: the pipeline needs them")
-    return ToonCrafterPipeline(components)
 
 
 def _images(count: int, size: tuple[int, int] = (96, 160)) -> list[Image.Image]:

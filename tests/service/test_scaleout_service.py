@@ -28,6 +28,7 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers.metrics import labelled, scrape, value
 from helpers.service import (
+    S3_ENV,
     FakeGenerator,
     fake_factory,
     free_port,
@@ -47,7 +48,6 @@ from tooncrafter.service.storage.s3 import S3Storage
 
 Q = "/queue/fal-ai/toon-crafter"
 SERVICE_TESTS_DIR = Path(__file__).resolve().parent  # this module and `helpers` must import in the workers
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def slow_generator(_settings) -> FakeGenerator:
@@ -69,22 +69,6 @@ def pg_url(tmp_path_factory) -> Iterator[str]:
         pytest.skip(f"no PostgreSQL server: {exc}")
     yield url
     server.__exit__(None, None, None)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in S3_ENV.items():
-            mp.setenv(name, value)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
 
 
 def fresh_database(pg_url: str) -> str:
