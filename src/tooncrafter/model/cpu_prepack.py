@@ -49,6 +49,11 @@ class PrepackedConv(nn.Module):
         self._packed_for = shape
         self._dense = None  # the packed copy is the weight from now on
 
+    @property
+    def dense_weight(self) -> torch.Tensor | None:
+        """The plain weight until the first call packs it (then None: the packed copy is the only one)."""
+        return self._dense
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape) != self._packed_for:
             self._pack(tuple(x.shape))

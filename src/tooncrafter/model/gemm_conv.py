@@ -69,7 +69,7 @@ class GemmConv(nn.Module):
     def _dense(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The dense weight and the bias; no weight once a `PrepackedConv` fallback has packed it (it then runs)."""
         fallback = self.fallback
-        weight = fallback.weight if isinstance(fallback, (nn.Conv2d, nn.Conv3d)) else getattr(fallback, "_dense", None)
+        weight = fallback.weight if isinstance(fallback, (nn.Conv2d, nn.Conv3d)) else fallback.dense_weight
         return weight, fallback.bias
 
     def _small(self, x: torch.Tensor) -> bool:
