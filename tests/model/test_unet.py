@@ -28,6 +28,7 @@ from tooncrafter.model.checkpoint import (
     read_state_dict,
 )
 from tooncrafter.model.config import builtin_config
+from tooncrafter.model.transformer import Attention, FrameContext
 from tooncrafter.model.unet import UNet3D
 
 STATE_DICT_LISTING = DEFAULT_FIXTURES.parent / "tooncrafter_512_state_dict.json.gz"
@@ -110,6 +111,27 @@ def test_unet_per_frame_context_matches_shared_context(unet: UNet3D, fixtures: F
     out_repeated = unet(x, t, repeated, fs)
     assert compare("shared_context", out_repeated, out_shared).passed
     assert not compare("per_frame_context", unet(x, t, context, fs), out_shared).passed
+
+
+@pytest.mark.parametrize("attention_fn", [sdpa_attention, math_attention])
+@pytest.mark.parametrize("image_per_frame", [True, False])
+@torch.no_grad()
+def test_text_projected_once_per_video_equals_the_per_frame_copies(attention_fn, image_per_frame) -> None:
+    """A `FrameContext` (text keys/values once per video, queries of all frames as one sequence) gives what the
+    official per-frame copy of the context gives, with image tokens per frame or shared."""
+    torch.manual_seed(0)
+    videos, frames, queries, text_len, image_len, width = 2, 5, 6, 7, 3, 32
+    attention = Attention(width, 4, 8, 24, image_cross_attention=True, text_context_len=text_len)
+    attention.attention_fn = attention_fn
+    x = torch.randn(videos * frames, queries, width)
+    text = torch.randn(videos, text_len, 24)
+    image = torch.randn(videos * frames if image_per_frame else videos, image_len, 24)
+    per_frame_image = image if image_per_frame else image.repeat_interleave(frames, dim=0)
+    copies = torch.cat([text.repeat_interleave(frames, dim=0), per_frame_image], dim=1)
+    expected = attention(x, copies)
+    got = attention(x, FrameContext(text, image))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(attention(x, FrameContext(text.flip(0), image)), expected)  # the text does count
 
 
 def _assert_close_in_low_precision(ours: torch.Tensor, reference: torch.Tensor, rms_bound: float) -> None:

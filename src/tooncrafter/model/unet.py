@@ -21,7 +21,7 @@ from torch import nn
 
 from tooncrafter.model.config import UNetConfig
 from tooncrafter.model.frames import fold_frames, unfold_frames
-from tooncrafter.model.transformer import TEXT_CONTEXT_LENGTH, SpatialTransformer, TemporalTransformer
+from tooncrafter.model.transformer import TEXT_CONTEXT_LENGTH, FrameContext, SpatialTransformer, TemporalTransformer
 from tooncrafter.model.unet_blocks import Downsample, ResBlock, Upsample, normalization, timestep_embedding
 
 # The Resampler's image tokens per frame in the official model (its `num_queries`); the UNet takes
@@ -37,7 +37,7 @@ class UNetStage(nn.ModuleList):
     Spatial layers get `[(B T), C, H, W]`; temporal transformers get the unfolded `[B, C, T, H, W]`.
     """
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: FrameContext, num_frames: int) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb, num_frames)
@@ -153,16 +153,18 @@ class UNet3D(nn.Module):
         # out: 0 GroupNorm, 1 SiLU, 2 conv3x3
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
 
-    def _frame_context(self, context: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """`[B, L, C]` -> `[(B T), L_f, C]`: text + this frame's image tokens, or the whole context per frame."""
+    def _frame_context(self, context: torch.Tensor, num_frames: int) -> FrameContext:
+        """`[B, L, C]` -> the text `[B, 77, C]` and this frame's image tokens `[(B T), n, C]` when the context
+        holds n per frame (official hard-code); else the rest of the context, shared by every frame `[B, L-77, C]`.
+
+        The official code repeats the context per frame instead; the values every frame sees are the same.
+        """
         b, length, c = context.shape
+        text, image = context[:, : self.text_context_len].contiguous(), context[:, self.text_context_len :].contiguous()
         if length == self.text_context_len + self.image_tokens_per_frame * num_frames:
-            text, image = context[:, : self.text_context_len], context[:, self.text_context_len :]
-            text = text.repeat_interleave(num_frames, dim=0)
             # image tokens are laid out frame after frame: [B, (T n), C] -> [(B T), n, C]
             image = image.reshape(b * num_frames, (length - self.text_context_len) // num_frames, c)
-            return torch.cat([text, image], dim=1)
-        return context.repeat_interleave(num_frames, dim=0)
+        return FrameContext(text, image)
 
     def forward(
         self,
