@@ -163,8 +163,7 @@ class ToonCrafterPipeline:
             components.unet.to(device)
         if device.type == "cpu" and not compile:
             use_gemm_convolutions(components.unet)  # the deep levels' tiny maps as one GEMM (gemm_conv.py)
-            if dtype != torch.float32:
-                prepack_convolutions(components.unet)  # oneDNN-packed weights for the other bf16 convs (cpu_prepack.py)
+            prepack_convolutions(components.unet)  # oneDNN-packed weights for the other convs (cpu_prepack.py)
         if compile:
             components.unet.compile(dynamic=False)
         return cls(components, device=device, dtype=dtype, offload=offload, sketch_checkpoint=sketch_checkpoint)

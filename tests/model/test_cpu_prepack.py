@@ -18,11 +18,14 @@ CASES = [
     (lambda: nn.Conv3d(16, 16, (3, 1, 1), padding=(1, 0, 0)), (2, 16, 5, 3, 3)),
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+NO_ONEDNN_BF16 = "oneDNN has no bf16 convolution on this CPU (it needs AVX-512 or AVX-NE-CONVERT)"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("make, shape", CASES)
 def test_prepacked_matches_the_plain_convolution(make, shape, dtype):
+    if not prepack_available(dtype):
+        pytest.skip(NO_ONEDNN_BF16)
     torch.manual_seed(0)
     conv = make().to(dtype)
     x = torch.randn(shape, dtype=dtype)
@@ -45,3 +48,15 @@ def test_prepack_replaces_plain_convolutions_only():
     assert isinstance(model[0], PrepackedConv) and isinstance(model[1][0], PrepackedConv)
     assert type(model[2]) is VideoConv2d and isinstance(model[2].time_mix_conv, PrepackedConv)
     assert isinstance(model[3], nn.Linear)
+
+
+def test_convolutions_of_a_dtype_onednn_cannot_run_here_stay_as_they_are():
+    """bf16 layers are packed only where this CPU's oneDNN runs bf16; elsewhere they keep PyTorch's kernels."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1).to(torch.bfloat16))
+    bf16_packs = prepack_available(torch.bfloat16)
+    assert prepack_convolutions(model) == 1 + bf16_packs
+    assert isinstance(model[0], PrepackedConv)
+    assert isinstance(model[1], PrepackedConv) == bf16_packs
+    x = torch.randn(1, 4, 5, 5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert model[1](x).shape == (1, 4, 5, 5)  # runs either way
