@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from PIL import Image
 
 from tooncrafter import keyframes as keyframe_plan
@@ -306,6 +307,9 @@ class ToonCrafterPipeline:
                 pixels, windows, prompt=prompt, cfg_scale=cfg_scale, motion_steps=motion_steps,
                 posterior_noise=posterior_noise,
             )
+            if device.type == "cpu":  # nothing reads CLIP, the Resampler or the VAE encoder again in this request
+                for module in self._conditioning_modules():
+                    release_module_pages(module)
             # 3. guided DDIM sampling
             plan = ddim_schedule(self.schedule, steps, eta)
             denoise = guided_denoiser(self._unet, cond, cfg_scale, self.placement.dtype, sketch)
@@ -318,6 +322,11 @@ class ToonCrafterPipeline:
                 self.components.vae, latents, cond.ref_context,
                 scale_factor=self.config.diffusion.scale_factor, placement=self.placement,
             )
+
+    def _conditioning_modules(self) -> list[nn.Module]:
+        """The components step 2 reads and steps 3-4 do not: their mapped pages can go back during sampling."""
+        c = self.components
+        return [m for m in (c.text_encoder, c.image_encoder, c.resampler, c.vae.encoder, c.vae.quant_conv) if m is not None]
 
     def _inbetween_batch(
         self,
