@@ -46,7 +46,7 @@ from tooncrafter.media.tensors import (
 )
 from tooncrafter.model.checkpoint import has_component, read_state_dict
 from tooncrafter.model.config import ToonCrafterConfig, builtin_config, load_config
-from tooncrafter.model.cpu_prepack import prepack_convolutions
+from tooncrafter.model.cpu_prepack import prepack_available, prepack_convolutions
 from tooncrafter.model.gemm_conv import use_gemm_convolutions
 from tooncrafter.model.loader import ToonCrafterComponents, load_components
 from tooncrafter.model.mapped_pages import release_module_pages
@@ -162,6 +162,12 @@ class ToonCrafterPipeline:
         components = load_components(config, state, device=load_device, dtype=dtype, clip_states=clip_states)
         if offload:
             components.unet.to(device)
+        if device.type == "cpu" and dtype != torch.float32 and not prepack_available(dtype):
+            # measured on an AVX2-only AMD EPYC: one mid UNet call 16 s in fp32, not done after 400 s in bf16
+            logger.warning(
+                "this CPU has no oneDNN %s kernels (they need AVX-512 or AMX): PyTorch's reference kernels are "
+                "many times slower than float32 here; float32 (the CPU default) is the fast choice", dtype
+            )
         if device.type == "cpu" and not compile:
             use_gemm_convolutions(components.unet)  # the deep levels' tiny maps as one GEMM (gemm_conv.py)
             prepack_convolutions(components.unet)  # oneDNN-packed weights for the other convs (cpu_prepack.py)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tooncrafter.model.checkpoint import read_state_dict
+from tooncrafter.model.cpu_prepack import prepack_available
 from tooncrafter.model.loader import load_components
 from tooncrafter.parity import replay_fixture_run
 from tooncrafter.pipeline import ToonCrafterPipeline
@@ -71,3 +72,11 @@ def test_offload_runs_on_cpu_and_changes_nothing(fixture_set) -> None:
     b, ref = _fixture_video(offloaded, fixture_set)
     assert torch.equal(a, b)
     assert (b - ref).abs().max().item() <= 1e-3
+
+
+def test_low_precision_on_a_cpu_without_its_kernels_says_so(fixture_set, caplog) -> None:
+    """bf16 on a CPU whose oneDNN has no bf16 kernels (AVX2 only) runs, slowly: the load says float32 is faster."""
+    with caplog.at_level("WARNING", logger="tooncrafter.pipeline"):
+        ToonCrafterPipeline.from_pretrained(fixture_set.directory, device="cpu", dtype="bfloat16", progress=False)
+    warned = any("no oneDNN" in record.getMessage() and "float32" in record.getMessage() for record in caplog.records)
+    assert warned == (not prepack_available(torch.bfloat16))
