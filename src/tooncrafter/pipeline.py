@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from PIL import Image
+from torch import nn
 
 from tooncrafter import keyframes as keyframe_plan
 from tooncrafter.batching import UNetBatcher
@@ -314,8 +314,7 @@ class ToonCrafterPipeline:
                 posterior_noise=posterior_noise,
             )
             if device.type == "cpu":  # nothing reads CLIP, the Resampler or the VAE encoder again in this request
-                for module in self._conditioning_modules():
-                    release_module_pages(module)
+                release_module_pages(*self._conditioning_modules())
             # 3. guided DDIM sampling
             plan = ddim_schedule(self.schedule, steps, eta)
             denoise = guided_denoiser(self._unet, cond, cfg_scale, self.placement.dtype, sketch)

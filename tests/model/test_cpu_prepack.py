@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import resident
 from tooncrafter.model.cpu_prepack import PrepackedConv, prepack_available, prepack_convolutions
 from tooncrafter.model.vae_blocks import VideoConv2d
 
@@ -60,3 +61,23 @@ def test_convolutions_of_a_dtype_onednn_cannot_run_here_stay_as_they_are():
     x = torch.randn(1, 4, 5, 5, dtype=torch.bfloat16)
     with torch.no_grad():
         assert model[1](x).shape == (1, 4, 5, 5)  # runs either way
+
+
+@pytest.mark.skipif(not resident.AVAILABLE, reason="/proc/self/pagemap is Linux")
+def test_packing_gives_back_a_memory_mapped_weight(tmp_path):
+    """The packed copy replaces the weight: a memory-mapped source leaves memory once packed, not twice resident."""
+    torch.manual_seed(0)
+    torch.save(nn.Conv2d(64, 64, 3, padding=1).state_dict(), tmp_path / "conv.ckpt")
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    conv.load_state_dict(torch.load(tmp_path / "conv.ckpt", mmap=True, weights_only=True), assign=True)
+    x = torch.randn(2, 64, 8, 8)
+    with torch.no_grad():
+        expected = conv(x)  # reads the mapped weight: its pages are present now
+        weight = conv.weight
+        total, present = resident.whole_pages(weight)
+        assert total > 0 and present == total
+        model = nn.Sequential(conv)
+        prepack_convolutions(model)
+        got = model(x)  # packs, then gives the mapped pages back
+    assert resident.whole_pages(weight)[1] == 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

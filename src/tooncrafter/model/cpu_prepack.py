@@ -17,15 +17,11 @@ call with another input shape packs again for that shape.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tooncrafter.model.mapped_pages import MappedPages
-
-logger = logging.getLogger(__name__)
 
 
 def prepack_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -46,7 +42,7 @@ def prepack_available(dtype: torch.dtype = torch.float32) -> bool:
 class PrepackedConv(nn.Module):
     """A 2D or 3D convolution (no padding mode other than zeros) running on a oneDNN-packed weight."""
 
-    def __init__(self, conv: nn.Conv2d | nn.Conv3d) -> None:
+    def __init__(self, conv: nn.Conv2d | nn.Conv3d, mapped_pages: MappedPages | None = None) -> None:
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("prepack: only zero padding given as numbers is supported")
@@ -57,6 +53,9 @@ class PrepackedConv(nn.Module):
         # buffers (not saved): what `release_module_pages` and `buffers()` see until the weight is packed
         self.register_buffer("_dense", conv.weight.detach(), persistent=False)
         self.register_buffer("bias", conv.bias.detach() if conv.bias is not None else None, persistent=False)
+        # the process's file mappings, read before this weight is packed; still right for it then, because the
+        # weight's storage keeps its own mapping alive (`prepack_convolutions` reads them once for all layers)
+        self._mapped_pages = mapped_pages if mapped_pages is not None else MappedPages()
         self._packed: torch.Tensor | None = None
         self._packed_for: tuple[int, ...] | None = None
         self._reorder = torch._C._nn.mkldnn_reorder_conv2d_weight if self.dims == 2 else torch._C._nn.mkldnn_reorder_conv3d_weight
@@ -67,7 +66,7 @@ class PrepackedConv(nn.Module):
         self._packed_for = shape
         if self._dense is not None:
             # the packed copy is the weight from now on; a memory-mapped source would stay resident beside it
-            MappedPages().release(self._dense)
+            self._mapped_pages.release(self._dense)
         self._dense = None
 
     @property
@@ -90,17 +89,15 @@ def prepack_convolutions(root: nn.Module) -> int:
     """Replace every CPU Conv2d/Conv3d under `root` whose dtype oneDNN runs here (`prepack_available`) by a
     `PrepackedConv`; returns how many were replaced."""
     replaced = 0
-    skipped: set[torch.dtype] = set()
+    mapped_pages = MappedPages()
     for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) in (nn.Conv2d, nn.Conv3d) and child.weight.device.type == "cpu" and child.padding_mode == "zeros":
-                if not prepack_available(child.weight.dtype):
-                    skipped.add(child.weight.dtype)
-                    continue
-                setattr(parent, name, PrepackedConv(child))
+            if (
+                type(child) in (nn.Conv2d, nn.Conv3d) and child.weight.device.type == "cpu"
+                and child.padding_mode == "zeros" and prepack_available(child.weight.dtype)
+            ):
+                setattr(parent, name, PrepackedConv(child, mapped_pages))
                 replaced += 1
-    if skipped:
-        logger.info("oneDNN cannot run %s convolutions on this CPU: they stay as they are", sorted(map(str, skipped)))
     return replaced
 
 

@@ -69,14 +69,15 @@ class MappedPages:
             self.released_bytes += last - first
 
 
-def release_module_pages(module: torch.nn.Module) -> int:
-    """Give back the mapped file pages under `module`'s parameters and buffers; returns the bytes released.
+def release_module_pages(*modules: torch.nn.Module) -> int:
+    """Give back the mapped file pages under the modules' parameters and buffers; returns the bytes released.
 
     For a component that a request no longer reads (the UNet once sampling is done, during the decodes): its
     pages go back to the page cache, where the next request finds them again for the price of a minor fault.
     Converted or device copies are not file pages and are never touched.
     """
-    pages = MappedPages()
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        pages.release(tensor)
+    pages = MappedPages()  # one read of /proc/self/maps (~3.5 ms at 800 mappings) for all of them
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            pages.release(tensor)
     return pages.released_bytes
