@@ -12,8 +12,6 @@ from tooncrafter.conditioning import ConditionEncoder
 from tooncrafter.denoising import unet_velocities
 from tooncrafter.generation import GenerationCancelled, GenerationRequest
 from tooncrafter.media.tensors import preprocess_keyframe
-from tooncrafter.model.checkpoint import read_state_dict
-from tooncrafter.model.loader import load_components
 from tooncrafter.pipeline import ToonCrafterPipeline
 
 
@@ -148,19 +146,15 @@ def test_text_embedding_of_a_prompt_is_computed_once(pipeline: ToonCrafterPipeli
 
 
 @pytest.mark.skipif(not resident.AVAILABLE, reason="/proc/self/pagemap is Linux")
-def test_a_request_gives_back_the_mapped_pages_it_no_longer_reads(fixture_set) -> None:
+def test_a_request_gives_back_the_mapped_pages_it_no_longer_reads(pipeline: ToonCrafterPipeline) -> None:
     """On CPU, CLIP, the Resampler and the VAE encoder leave memory once the conditioning is made, the UNet once
     sampling is done; the VAE decoder stays; the next request faults them back in and makes the same frames."""
-    components = load_components(fixture_set.config, read_state_dict(fixture_set.checkpoint_path))
-    if not components.has_clip:
-        pytest.skip("the fixture checkpoint has no CLIP towers: the pipeline needs them")
-    mapped = ToonCrafterPipeline(components)
-    released = [components.text_encoder, components.image_encoder, components.resampler, components.vae.encoder,
-                components.unet]
-    first = mapped(_request(steps=2)).frames
+    c = pipeline.components
+    released = [c.text_encoder, c.image_encoder, c.resampler, c.vae.encoder, c.unet]
+    first = pipeline(_request(steps=2)).frames
     pages = {type(m).__name__: resident.module_pages(m) for m in released}
     assert all(total > 0 for total, _ in pages.values()), pages  # weights that span whole pages: not vacuous
     assert all(present == 0 for _, present in pages.values()), pages
-    assert resident.module_pages(components.vae.decoder)[1] > 0  # read by the decode: still there
-    again = mapped(_request(steps=2)).frames
+    assert resident.module_pages(c.vae.decoder)[1] > 0  # read by the decode: still there
+    again = pipeline(_request(steps=2)).frames
     np.testing.assert_array_equal(first, again)

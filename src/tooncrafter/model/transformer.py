@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tooncrafter.model.attention import sdpa_attention
+from tooncrafter.model.attention import AttentionFunction, sdpa_attention
 from tooncrafter.model.norms import GroupNorm32, LayerNorm32
 
 # The official CrossAttention splits the context after a fixed 77 tokens (the CLIP text length).
@@ -46,7 +46,9 @@ class FrameContext(NamedTuple):
     image: torch.Tensor
 
 
-def _attend_shared(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+def _attend_shared(
+    fn: AttentionFunction, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float
+) -> torch.Tensor:
     """`fn(q, k, v)` where k/v may hold one row per video while q holds one per frame: `[(B T), Lq, C]`."""
     if k.shape[0] == q.shape[0]:
         return fn(q, k, v, heads, scale)
