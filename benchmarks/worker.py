@@ -170,7 +170,7 @@ def main(spec_path: str, out_path: str) -> None:
     flops = unet_flops(unet, config, text_encoder.context_length, device, dtype) if spec["flops"] else None
 
     torch.save(video.float().cpu(), spec["video_out"])
-    # the median leaves out step 1, which for ours also pays the first touch of the memory-mapped weights
+    # the median leaves out step 1, which for ours also maps the UNet's weights in and packs its convolutions
     step_s = statistics.median(step_times[1:] or step_times) if step_times else None
     step_cpu_s = statistics.median(step_cpu_times[1:] or step_cpu_times) if step_cpu_times else None
     result = {
