@@ -116,7 +116,7 @@ def test_heartbeat_keeps_a_slow_job_leased(tmp_path):
 
 
 def test_results_and_files_expire(tmp_path):
-    settings = make_settings(tmp_path, result_retention_s=0.3, purge_interval_s=0.05)
+    settings = make_settings(tmp_path, result_retention_s=2.0, purge_interval_s=0.05)  # reads within 2 s, even loaded
     with TestClient(create_app(settings, generator_factory=fake_factory())) as client:
         rid = client.post(Q, json=BODY).json()["request_id"]
         wait_until(lambda: _status(client, rid).json()["status"] == "COMPLETED")

@@ -4,6 +4,7 @@ part (issue 13, finding 3), and the retention of uploads and abandoned parts (fi
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -96,9 +97,19 @@ def test_js_client_multipart_upload_comes_back_identical(node, tmp_path, storage
 
 
 def test_uploads_and_abandoned_parts_expire_in_the_purge_loop(tmp_path, storage_backend) -> None:
-    settings = make_settings(tmp_path, upload_retention_s=1.0, purge_interval_s=0.1, **storage_backend)
+    # Retention is short but not so short that a loaded machine passes it between an upload and the count of
+    # uploads below; the job runs first on an inline keyframe so that nothing it needs can expire under it.
+    settings = make_settings(tmp_path, upload_retention_s=5.0, purge_interval_s=0.1, **storage_backend)
     with running_server(create_app(settings, generator_factory=fake_factory())) as server, server.client() as client:
         storage = server.runtime.storage
+        # a job's output is not an upload: it stays with the job when the uploads expire
+        keyframe = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+        job = client.post(f"/queue/{ENDPOINT}", json={"keyframe_image_urls": [keyframe] * 2, "steps": 1}).json()
+        wait_until(lambda: client.get(path_of(server, job["status_url"])).status_code == 200)
+        result = client.get(path_of(server, job["response_url"])).json()
+        assert "video" in result, result
+        video_url = result["video"]["url"]
+
         single = client.post("/storage/upload/initiate", json={"file_name": "key.png", "content_type": "image/png"}).json()
         assert client.put(single["upload_url"], content=png_bytes()).status_code == 200
         abandoned = client.post("/storage/upload/initiate-multipart", json={"file_name": "big.bin"}).json()["upload_url"]
@@ -106,10 +117,6 @@ def test_uploads_and_abandoned_parts_expire_in_the_purge_loop(tmp_path, storage_
             assert client.put(f"{abandoned}/{number}", content=bytes([number]) * 1000).status_code == 200
         assert len(upload_tokens_left(storage)) == 3
         assert storage.purge(UPLOAD_KEY_PREFIX, time.time() - 3600) == 0  # nothing is an hour old
-        # a job on the uploaded keyframe: its output is not an upload and stays with the job
-        job = client.post(f"/queue/{ENDPOINT}", json={"keyframe_image_urls": [single["file_url"]] * 2, "steps": 1}).json()
-        wait_until(lambda: client.get(path_of(server, job["status_url"])).status_code == 200)
-        video_url = client.get(path_of(server, job["response_url"])).json()["video"]["url"]
 
         wait_until(lambda: upload_tokens_left(storage) == [], timeout_s=30)  # the workers' retention loop
         assert client.get(path_of(server, single["file_url"])).status_code == 404
