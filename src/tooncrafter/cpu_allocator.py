@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
-import sys
 import threading
 from typing import Iterator
+
+from tooncrafter.model.mapped_pages import linux_libc
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +38,14 @@ _active = 0
 
 
 def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
+    libc = linux_libc()
+    if libc is None:
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
         libc.malloc_trim.argtypes = (ctypes.c_size_t,)
         return libc if hasattr(libc, "gnu_get_libc_version") else None
-    except (OSError, AttributeError):
+    except AttributeError:  # a C library other than glibc
         return None
 
 

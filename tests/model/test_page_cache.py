@@ -68,8 +68,9 @@ def test_only_the_missing_part_is_read(weights_file):
 
 
 def test_loading_a_pipeline_reads_its_checkpoint_first(fixture_set, monkeypatch):
-    # The tiny checkpoint fits in one readahead window, so its residency after a load cannot tell whether the
-    # load read it: the call is observed instead, and the function itself is tested above.
+    # A float32 load of the tiny checkpoint leaves the whole file resident even without the read (tried: the
+    # residency form of this test passed with the call taken out), so residency cannot tell whether the load
+    # read it: the call is observed instead, and the function itself is tested above.
     import tooncrafter.pipeline as pipeline_module
 
     read = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import mmap
 import sys
@@ -26,6 +27,19 @@ MADV_DONTNEED = 4  # Linux
 PAGE = mmap.PAGESIZE
 
 
+@functools.cache
+def linux_libc() -> ctypes.CDLL | None:
+    """The C library, for the memory calls Python does not offer on an address (madvise, mincore); None
+    elsewhere than Linux or where it cannot be loaded."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError as exc:
+        logger.debug("no C library to call: %s", exc)
+        return None
+
+
 class MappedPages:
     """The file-backed private mappings of this process at construction time, and `release(tensor)`."""
 
@@ -34,10 +48,10 @@ class MappedPages:
         self._ends: list[int] = []
         self._madvise = None
         self.released_bytes = 0
-        if not sys.platform.startswith("linux"):
+        libc = linux_libc()
+        if libc is None:
             return
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             self._madvise = libc.madvise
             self._madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
             with open("/proc/self/maps") as maps:
@@ -48,7 +62,7 @@ class MappedPages:
                     start, end = (int(part, 16) for part in fields[0].split("-"))
                     self._starts.append(start)
                     self._ends.append(end)
-        except OSError as exc:  # no /proc or no libc: keep the pages, lose nothing but memory
+        except OSError as exc:  # no /proc: keep the pages, lose nothing but memory
             logger.debug("mapped pages cannot be released here: %s", exc)
             self._madvise = None
 

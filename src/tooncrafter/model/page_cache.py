@@ -14,32 +14,28 @@ grow, and the kernel may evict them again under memory pressure like any cached 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import mmap
 import os
 import re
-import sys
 from pathlib import Path
+
+from .mapped_pages import PAGE, linux_libc
 
 logger = logging.getLogger(__name__)
 
-PAGE = mmap.PAGESIZE
 READ_CHUNK = 16 << 20  # bytes per preadv: large enough for the disk, small enough for the buffer
 
 
 def missing_ranges(path: str | Path) -> list[tuple[int, int]] | None:
     """(offset, length) runs of `path` whose pages are not in the page cache; None where `mincore` is
     unavailable (not Linux, or no libc)."""
-    if not sys.platform.startswith("linux"):
+    libc = linux_libc()
+    if libc is None:
         return None
     size = os.path.getsize(path)
     if size == 0:
         return []
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
     libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
     pages = -(-size // PAGE)
     vector = (ctypes.c_ubyte * pages)()
