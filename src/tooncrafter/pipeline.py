@@ -46,7 +46,7 @@ from tooncrafter.media.tensors import (
 )
 from tooncrafter.model.checkpoint import has_component, read_state_dict
 from tooncrafter.model.config import ToonCrafterConfig, builtin_config, load_config
-from tooncrafter.model.cpu_prepack import prepack_available, prepack_convolutions
+from tooncrafter.model.cpu_prepack import prepack_available, prepack_convolutions, prepack_linears
 from tooncrafter.model.gemm_conv import use_gemm_convolutions
 from tooncrafter.model.loader import ToonCrafterComponents, load_components
 from tooncrafter.model.mapped_pages import release_module_pages
@@ -176,6 +176,7 @@ class ToonCrafterPipeline:
         if device.type == "cpu" and not compile:
             use_gemm_convolutions(components.unet)  # the deep levels' tiny maps as one GEMM (gemm_conv.py)
             prepack_convolutions(components.unet)  # oneDNN-packed weights for the other convs (cpu_prepack.py)
+            prepack_linears(components.unet)  # and for the fp32 linears, packed now: not MKL's sgemm (cpu_prepack.py)
         if compile:
             components.unet.compile(dynamic=False)
         return cls(components, device=device, dtype=dtype, offload=offload, sketch_checkpoint=sketch_checkpoint)

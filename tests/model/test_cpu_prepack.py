@@ -1,4 +1,4 @@
-"""oneDNN-prepacked convolutions give the plain convolution's result, for any input shape they meet."""
+"""oneDNN-prepacked convolutions and linears give the plain layer's result, for any input shape they meet."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from helpers import resident
-from tooncrafter.model.cpu_prepack import PrepackedConv, prepack_available, prepack_convolutions
+from tooncrafter.model.cpu_prepack import (
+    PrepackedConv,
+    PrepackedLinear,
+    linear_prepack_available,
+    prepack_available,
+    prepack_convolutions,
+    prepack_linears,
+)
 from tooncrafter.model.vae_blocks import VideoConv2d
 
 pytestmark = pytest.mark.skipif(not prepack_available(), reason="oneDNN is not available in this torch build")
@@ -81,3 +88,48 @@ def test_packing_gives_back_a_memory_mapped_weight(tmp_path):
         got = model(x)  # packs, then gives the mapped pages back
     assert resident.whole_pages(weight)[1] == 0
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_prepacked_linear_matches_the_plain_linear_on_any_leading_shape(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 40, bias=bias)
+    packed = PrepackedLinear(linear)
+    with torch.no_grad():
+        for shape in [(7, 48), (2, 5, 48), (3, 2, 4, 48), (1, 48)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+        strided = torch.randn(6, 48, 5).transpose(1, 2)  # not contiguous: [6, 5, 48]
+        torch.testing.assert_close(packed(strided), linear(strided), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.dense_weight, linear.weight.detach())
+    assert (packed.bias is None) == (not bias)
+
+
+def test_prepack_linears_replaces_float32_linears_only_and_keeps_the_model_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Sequential(nn.Linear(16, 8, bias=False)), nn.Conv2d(8, 8, 1))
+    model.append(nn.Linear(8, 8).to(torch.bfloat16))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model[2](model[1](model[0](x)))
+        assert prepack_linears(model) == 2  # not the conv, not the bf16 linear
+        assert isinstance(model[0], PrepackedLinear) and isinstance(model[2][0], PrepackedLinear)
+        assert type(model[3]) is nn.Conv2d and type(model[4]) is nn.Linear
+        torch.testing.assert_close(model[2](model[1](model[0](x))), expected, rtol=1e-5, atol=1e-5)
+    assert not linear_prepack_available(torch.bfloat16)
+
+
+@pytest.mark.skipif(not resident.AVAILABLE, reason="/proc/self/pagemap is Linux")
+def test_packing_a_linear_gives_back_its_memory_mapped_weight(tmp_path):
+    torch.manual_seed(0)
+    torch.save(nn.Linear(512, 512).state_dict(), tmp_path / "linear.ckpt")
+    linear = nn.Linear(512, 512)
+    linear.load_state_dict(torch.load(tmp_path / "linear.ckpt", mmap=True, weights_only=True), assign=True)
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        expected = linear(x)
+        weight = linear.weight
+        assert resident.whole_pages(weight)[1] == resident.whole_pages(weight)[0] > 0
+        packed = PrepackedLinear(linear)
+        assert resident.whole_pages(weight)[1] == 0
+        torch.testing.assert_close(packed(x), expected, rtol=1e-5, atol=1e-5)
