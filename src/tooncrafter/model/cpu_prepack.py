@@ -15,13 +15,16 @@ only (no `state_dict` round trip, no `.to()` to another device). It packs lazily
 call with another input shape packs again for that shape.
 
 Linear layers (fp32 only) are packed once, when they are replaced, since their packing needs no input shape:
-PyTorch's fp32 `F.linear` calls MKL's sgemm, which on an AVX2 AMD EPYC (Zen 3) ran the mid UNet's GEMMs at
-43-107 GFLOPS against 66-137 for oneDNN on the packed weight (e.g. [8192, 320] x [320, 320] 27.4 -> 12.7 ms,
-[512, 1280] x [1280, 10240] 135 -> 108 ms); one mid fp32 UNet call 26.1-27.6 s -> 22.1-23.3 s (outputs within
-1e-5 of each other). Packing the mid UNet's 452 linears (2.4 GB) takes ~4.7 s, paid at load.
+PyTorch's fp32 `F.linear` calls MKL's sgemm; oneDNN on the packed weight took 0.75-0.98x its time at the mid
+UNet's shapes on an AVX2 AMD EPYC (Zen 3; interleaved, min of 5 rounds: `[32, 256, 320]` x 320 16.2 -> 13.5 ms,
+`[32, 16, 1280]` x 10240 137.6 -> 102.8 ms; 0.85x summed over eleven shapes). One mid fp32 UNet call, alternating
+in one process: 26.1-30.6 s -> 22.1-26.7 s, outputs within 9e-6. Packing the mid UNet's 452 linears (2.4 GB)
+takes ~4.7 s, paid at load.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,20 +94,27 @@ class PrepackedConv(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, {self.dims}d, packed_for={self._packed_for}"
 
 
+def _replace_children(root: nn.Module, wanted: Callable[[nn.Module], bool], make: Callable[[nn.Module, MappedPages], nn.Module]) -> int:
+    """Put `make(child, mapped_pages)` in place of every child under `root` that is `wanted`; returns how many."""
+    replaced = 0
+    mapped_pages = MappedPages()  # one read of the process's mappings for all the layers
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if wanted(child):
+                setattr(parent, name, make(child, mapped_pages))
+                replaced += 1
+    return replaced
+
+
 def prepack_convolutions(root: nn.Module) -> int:
     """Replace every CPU Conv2d/Conv3d under `root` whose dtype oneDNN runs here (`prepack_available`) by a
     `PrepackedConv`; returns how many were replaced."""
-    replaced = 0
-    mapped_pages = MappedPages()
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if (
-                type(child) in (nn.Conv2d, nn.Conv3d) and child.weight.device.type == "cpu"
-                and child.padding_mode == "zeros" and prepack_available(child.weight.dtype)
-            ):
-                setattr(parent, name, PrepackedConv(child, mapped_pages))
-                replaced += 1
-    return replaced
+    return _replace_children(
+        root,
+        lambda child: type(child) in (nn.Conv2d, nn.Conv3d) and child.weight.device.type == "cpu"
+        and child.padding_mode == "zeros" and prepack_available(child.weight.dtype),
+        PrepackedConv,
+    )
 
 
 def linear_prepack_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -139,14 +149,11 @@ class PrepackedLinear(nn.Module):
 def prepack_linears(root: nn.Module) -> int:
     """Replace every CPU `nn.Linear` under `root` whose dtype is packed here (`linear_prepack_available`) by a
     `PrepackedLinear`, packing its weight now; returns how many were replaced."""
-    replaced = 0
-    mapped_pages = MappedPages()
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.device.type == "cpu" and linear_prepack_available(child.weight.dtype):
-                setattr(parent, name, PrepackedLinear(child, mapped_pages))
-                replaced += 1
-    return replaced
+    return _replace_children(
+        root,
+        lambda child: type(child) is nn.Linear and child.weight.device.type == "cpu" and linear_prepack_available(child.weight.dtype),
+        PrepackedLinear,
+    )
 
 
 def reference_convolution(module: PrepackedConv, x: torch.Tensor) -> torch.Tensor:
