@@ -176,7 +176,7 @@ class ToonCrafterPipeline:
         if device.type == "cpu" and not compile:
             use_gemm_convolutions(components.unet)  # the deep levels' tiny maps as one GEMM (gemm_conv.py)
             prepack_convolutions(components.unet)  # oneDNN-packed weights for the other convs (cpu_prepack.py)
-            prepack_linears(components.unet)  # and for the fp32 linears, packed now: not MKL's sgemm (cpu_prepack.py)
+            prepack_linears(components.unet)  # the linears packed now, GEGLUs fused (cpu_prepack.py)
         if compile:
             components.unet.compile(dynamic=False)
         return cls(components, device=device, dtype=dtype, offload=offload, sketch_checkpoint=sketch_checkpoint)

@@ -9,12 +9,14 @@ from torch import nn
 from helpers import resident
 from tooncrafter.model.cpu_prepack import (
     PrepackedConv,
+    PrepackedGEGLU,
     PrepackedLinear,
     linear_prepack_available,
     prepack_available,
     prepack_convolutions,
     prepack_linears,
 )
+from tooncrafter.model.transformer import GEGLU, FeedForward
 from tooncrafter.model.vae_blocks import VideoConv2d
 
 pytestmark = pytest.mark.skipif(not prepack_available(), reason="oneDNN is not available in this torch build")
@@ -105,18 +107,73 @@ def test_prepacked_linear_matches_the_plain_linear_on_any_leading_shape(bias):
     assert (packed.bias is None) == (not bias)
 
 
-def test_prepack_linears_replaces_float32_linears_only_and_keeps_the_model_output():
+def test_prepack_linears_packs_the_linears_of_dtypes_onednn_runs_here_and_keeps_the_model_output():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Sequential(nn.Linear(16, 8, bias=False)), nn.Conv2d(8, 8, 1))
     model.append(nn.Linear(8, 8).to(torch.bfloat16))
     x = torch.randn(3, 8)
+    bf16_packs = prepack_available(torch.bfloat16)
     with torch.no_grad():
         expected = model[2](model[1](model[0](x)))
-        assert prepack_linears(model) == 2  # not the conv, not the bf16 linear
+        expected_bf16 = model[4](x.to(torch.bfloat16))
+        assert prepack_linears(model) == 2 + bf16_packs  # never the conv; the bf16 linear where oneDNN runs bf16
         assert isinstance(model[0], PrepackedLinear) and isinstance(model[2][0], PrepackedLinear)
-        assert type(model[3]) is nn.Conv2d and type(model[4]) is nn.Linear
+        assert type(model[3]) is nn.Conv2d
+        assert isinstance(model[4], PrepackedLinear) == bf16_packs
         torch.testing.assert_close(model[2](model[1](model[0](x))), expected, rtol=1e-5, atol=1e-5)
-    assert not linear_prepack_available(torch.bfloat16)
+        torch.testing.assert_close(model[4](x.to(torch.bfloat16)), expected_bf16, **BF16_LINEAR_TOLERANCE)
+    assert linear_prepack_available(torch.bfloat16) == bf16_packs
+    assert not linear_prepack_available(torch.float16)
+
+
+BF16_LINEAR_TOLERANCE = {"rtol": 2e-2, "atol": 2e-2}
+
+
+@pytest.mark.skipif(not prepack_available(torch.bfloat16), reason="oneDNN has no bf16 kernels on this CPU")
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_packed_bf16_linear_matches_the_plain_one(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(320, 1280, bias=bias).to(torch.bfloat16)
+    packed = PrepackedLinear(linear)
+    with torch.no_grad():
+        for shape in [(64, 320), (2, 37, 320)]:
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            got, expected = packed(x), linear(x)
+            assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+            torch.testing.assert_close(got, expected, **BF16_LINEAR_TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_fused_geglu_matches_the_plain_one(dtype, bias):
+    if not linear_prepack_available(dtype):
+        pytest.skip("oneDNN has no linear kernels of this dtype on this CPU")
+    torch.manual_seed(0)
+    geglu = GEGLU(48, 40)
+    if not bias:
+        geglu.proj = nn.Linear(48, 80, bias=False)
+    geglu = geglu.to(dtype)
+    fused = PrepackedGEGLU(geglu)
+    with torch.no_grad():
+        for shape in [(7, 48), (2, 5, 48), (3, 2, 4, 48)]:
+            x = torch.randn(shape, dtype=dtype)
+            got, expected = fused(x), geglu(x)
+            assert got.dtype == dtype and got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+        strided = torch.randn(6, 48, 5, dtype=dtype).transpose(1, 2)
+        torch.testing.assert_close(fused(strided), geglu(strided), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_prepack_linears_fuses_the_geglus_and_packs_the_other_linears():
+    torch.manual_seed(0)
+    model = nn.Sequential(FeedForward(16), nn.Linear(16, 16))
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        expected = model(x)
+        assert prepack_linears(model) == 3  # the GEGLU as one module, the FeedForward's output linear, the last one
+        assert isinstance(model[0].net[0], PrepackedGEGLU)
+        assert isinstance(model[0].net[2], PrepackedLinear) and isinstance(model[1], PrepackedLinear)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not resident.AVAILABLE, reason="/proc/self/pagemap is Linux")

@@ -14,12 +14,16 @@ double, although the packed copy then lives on the heap, not in the page cache):
 only (no `state_dict` round trip, no `.to()` to another device). It packs lazily at its first call, and a
 call with another input shape packs again for that shape.
 
-Linear layers (fp32 only) are packed once, when they are replaced, since their packing needs no input shape:
-PyTorch's fp32 `F.linear` calls MKL's sgemm; oneDNN on the packed weight took 0.75-0.98x its time at the mid
+Linear layers (fp32, and bf16 where oneDNN has bf16 kernels) are packed once, when they are replaced, since their
+packing needs no input shape. PyTorch's fp32 `F.linear` calls MKL's sgemm; oneDNN on the packed weight took 0.75-0.98x its time at the mid
 UNet's shapes on an AVX2 AMD EPYC (Zen 3; interleaved, min of 5 rounds: `[32, 256, 320]` x 320 16.2 -> 13.5 ms,
 `[32, 16, 1280]` x 10240 137.6 -> 102.8 ms; 0.85x summed over eleven shapes). One mid fp32 UNet call, alternating
 in one process: 26.1-30.6 s -> 22.1-26.7 s, outputs within 9e-6. Packing the mid UNet's 452 linears (2.4 GB)
-takes ~4.7 s, paid at load.
+takes ~4.7 s, paid at load. PyTorch's bf16 `F.linear` runs oneDNN but reorders the weight inside every call:
+packed, one mid bf16 UNet step took 3.66 s instead of 3.80 (min, alternating in one process on Zen 5, video
+identical). A GEGLU becomes two packed linears with its GELU and product fused in (`PrepackedGEGLU`): one mid
+bf16 step 3.71 s instead of 3.78 (min of 12, alternating in one process on Zen 5), and no `[rows, 2 * width]`
+projection held.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tooncrafter.model.mapped_pages import MappedPages
+from tooncrafter.model.transformer import GEGLU
 
 
 def prepack_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -118,9 +123,11 @@ def prepack_convolutions(root: nn.Module) -> int:
 
 
 def linear_prepack_available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether linear layers of `dtype` are packed: fp32 only (bf16 `F.linear` already runs oneDNN's kernels,
-    and packing a bf16 weight raises on a CPU without AVX-512)."""
-    return dtype == torch.float32 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether linear layers of `dtype` are packed here: fp32, and bf16 where oneDNN has bf16 kernels
+    (`prepack_available`; packing a bf16 weight raises on an AVX2-only CPU). Unpacked, fp32 runs MKL's sgemm
+    and bf16 reorders its weight inside every call: on Zen 5 packing took a bf16 `[8192, 320] x 2560` from
+    19.9 to 14.7 ms and the other UNet shapes 5-13 % (benchmarks/README.md)."""
+    return dtype in (torch.float32, torch.bfloat16) and prepack_available(dtype) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class PrepackedLinear(nn.Module):
@@ -146,14 +153,42 @@ class PrepackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
 
 
+class PrepackedGEGLU(nn.Module):
+    """A `GEGLU` (`a * gelu(g)`, `a, g = proj(x).chunk(2)`) as two packed linears with the activation fused in:
+    `g` with oneDNN's exact GELU applied on output, then `a` with the multiply by it applied on output. The
+    `[rows, 2 * width]` projection, its GELU pass and the product pass are gone (their memory traffic too)."""
+
+    def __init__(self, geglu: GEGLU, mapped_pages: MappedPages | None = None) -> None:
+        super().__init__()
+        proj = geglu.proj
+        width = proj.out_features // 2
+        self.in_features, self.out_features = proj.in_features, width
+        dense, bias = proj.weight.detach(), proj.bias.detach() if proj.bias is not None else None
+        self._value = torch.ops.mkldnn._reorder_linear_weight(dense[:width].contiguous())
+        self._gate = torch.ops.mkldnn._reorder_linear_weight(dense[width:].contiguous())
+        (mapped_pages if mapped_pages is not None else MappedPages()).release(dense)
+        self.register_buffer("value_bias", bias[:width].contiguous() if bias is not None else None, persistent=False)
+        self.register_buffer("gate_bias", bias[width:].contiguous() if bias is not None else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        gate = torch.ops.mkldnn._linear_pointwise(x, self._gate, self.gate_bias, "gelu", [], "none")  # exact erf
+        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self._value, self.value_bias, "mul")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed, gelu and product fused"
+
+
+def _packable_linear(child: nn.Module) -> bool:
+    return type(child) is nn.Linear and child.weight.device.type == "cpu" and linear_prepack_available(child.weight.dtype)
+
+
 def prepack_linears(root: nn.Module) -> int:
-    """Replace every CPU `nn.Linear` under `root` whose dtype is packed here (`linear_prepack_available`) by a
-    `PrepackedLinear`, packing its weight now; returns how many were replaced."""
-    return _replace_children(
-        root,
-        lambda child: type(child) is nn.Linear and child.weight.device.type == "cpu" and linear_prepack_available(child.weight.dtype),
-        PrepackedLinear,
-    )
+    """Replace every CPU `GEGLU` (by a `PrepackedGEGLU`) and then every CPU `nn.Linear` (by a `PrepackedLinear`)
+    under `root` whose dtype is packed here (`linear_prepack_available`), packing the weights now; returns how
+    many modules were replaced."""
+    geglus = _replace_children(root, lambda child: type(child) is GEGLU and _packable_linear(child.proj), PrepackedGEGLU)
+    return geglus + _replace_children(root, _packable_linear, PrepackedLinear)
 
 
 def reference_convolution(module: PrepackedConv, x: torch.Tensor) -> torch.Tensor:
