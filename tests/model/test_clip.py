@@ -156,6 +156,31 @@ def test_image_encoder_parity(directory: Path) -> None:
         assert result.passed, result
 
 
+@pytest.mark.parametrize("directory", FIXTURE_DIRS, ids=_ids)
+@torch.no_grad()
+def test_batched_bf16_towers_project_in_one_matmul_and_match_each_input_alone(directory: Path) -> None:
+    """Several prompts / images at once in bf16: the attention's input projection must not fall back to a batched
+    matmul over an expanded copy of its weight (what a strided [L, B, D] view did), and the batch changes nothing."""
+    from torch.profiler import profile
+
+    fx = _load_fixtures(directory)
+    _require(fx, "clip_text_tokens", "pipe_keyframe_1", "pipe_keyframe_2")
+    state = _checkpoint_with_towers(fx)
+    text, image = _encoders(fx.config.text_encoder, fx.config.image_encoder,
+                            component_state_dict(state, "text_encoder"), component_state_dict(state, "image_encoder"))
+    text, image = text.to(torch.bfloat16), image.to(torch.bfloat16)
+    tokens, pixels = fx["clip_text_tokens"], _image_inputs(fx).to(torch.bfloat16)
+    assert tokens.shape[0] > 1 and pixels.shape[0] > 1
+    with profile() as prof:
+        text_out, image_out = text(tokens), image(pixels)
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::bmm" not in ops, sorted(ops)
+    assert text_out.is_contiguous() and image_out.is_contiguous()
+    for batched, tower, inputs in ((text_out, text, tokens), (image_out, image, pixels)):
+        for i in range(inputs.shape[0]):
+            torch.testing.assert_close(batched[i : i + 1], tower(inputs[i : i + 1]), rtol=2e-2, atol=2e-2)
+
+
 # --- key sets and the OpenCLIP release mapping -----------------------------------------------
 
 

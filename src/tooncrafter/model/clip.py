@@ -16,9 +16,12 @@ towers) or from open_clip's registry config of `ClipConfig.arch`, without touchi
 global registry. open_clip's non-persistent `attn_mask` buffer is removed (it would stay on the
 meta device after a strict load); the causal mask is built in `forward` instead.
 
-open_clip 2.26+ runs its transformer blocks batch-first (`[B, L, D]`); 2.22, the version the
-official code was written for, sequence-first (`[L, B, D]`). `run_blocks` feeds the blocks in
-whichever layout the installed open_clip built them for.
+open_clip 2.26+ builds its transformer blocks batch-first (`[B, L, D]`); 2.22, the version the
+official code was written for, sequence-first (`[L, B, D]`). `build_open_clip` makes every block's
+attention sequence-first whatever the version, and `run_blocks` feeds it one contiguous `[L, B, D]`
+block: a batch-first `nn.MultiheadAttention` transposes its input to a strided view, on which a bf16
+`F.linear` on CPU falls back to a batched matmul over an expanded copy of the weight (the text
+tower's input projection for two prompts: 0.48 s and a 484 MB copy per layer, against ~3 ms).
 """
 
 from __future__ import annotations
@@ -74,17 +77,27 @@ def build_open_clip(config: ClipConfig) -> CLIP:
     model = CLIP(**open_clip_model_config(config))
     # Non-persistent: never in a checkpoint, so it would stay on `meta`; the text encoder rebuilds it.
     model._buffers.pop("attn_mask", None)
+    for transformer in (model.transformer, model.visual.transformer):
+        _sequence_first(transformer)
     return model
 
 
+def _sequence_first(transformer: nn.Module) -> None:
+    """Make the blocks' attention take `[L, B, D]` (see the module docstring: the layout `run_blocks` feeds)."""
+    for block in transformer.resblocks:
+        if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
+            raise ValueError(f"clip: {type(block).__name__} blocks are not supported (plain attention blocks only)")
+        block.attn.batch_first = False
+    transformer.batch_first = False
+
+
 def run_blocks(transformer: nn.Module, x: torch.Tensor, count: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The first `count` resblocks of an open_clip `Transformer` on x [B, L, D], in the layout they expect."""
-    batch_first = getattr(transformer, "batch_first", False)  # absent (sequence-first) before open_clip 2.26
-    if not batch_first:
-        x = x.transpose(0, 1)  # [B, L, D] -> [L, B, D]
+    """The first `count` resblocks of a sequence-first (`build_open_clip`) open_clip `Transformer` on x [B, L, D];
+    returns a contiguous [B, L, D] (the linears that read it next want one as well)."""
+    x = x.transpose(0, 1).contiguous()  # [B, L, D] -> [L, B, D]
     for block in transformer.resblocks[:count]:
         x = block(x, attn_mask=attn_mask)
-    return x if batch_first else x.transpose(0, 1)
+    return x.transpose(0, 1).contiguous()
 
 
 def causal_mask(length: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
