@@ -80,6 +80,15 @@ def reuse_freed_memory() -> Iterator[None]:
                 _LIBC.malloc_trim(0)
 
 
+def give_back_free_memory() -> None:
+    """Hand the heap's free pages back to the system now (`malloc_trim`), unless a request is running (its end
+    trims). For the end of a load: the weights converted or packed at load leave their source copies as free
+    holes between the kept ones, which glibc does not return by itself (mid bf16: 4.9 -> 4.2 GB after load)."""
+    with _lock:
+        if _LIBC is not None and _active == 0:
+            _LIBC.malloc_trim(0)
+
+
 def active() -> bool:
     """Whether a request is inside `reuse_freed_memory` now (for tests and logs)."""
     return _active > 0

@@ -34,7 +34,7 @@ from torch import nn
 from tooncrafter import keyframes as keyframe_plan
 from tooncrafter.batching import UNetBatcher
 from tooncrafter.conditioning import ConditionEncoder
-from tooncrafter.cpu_allocator import reuse_freed_memory
+from tooncrafter.cpu_allocator import give_back_free_memory, reuse_freed_memory
 from tooncrafter.decoding import decode_latents
 from tooncrafter.denoising import SketchGuidance, guided_denoiser, noise_schedule
 from tooncrafter.generation import GenerationRequest, GenerationResult, ProgressCallback
@@ -179,6 +179,8 @@ class ToonCrafterPipeline:
             prepack_linears(components.unet)  # the linears packed now, GEGLUs fused (cpu_prepack.py)
         if compile:
             components.unet.compile(dynamic=False)
+        if device.type == "cpu" or offload:
+            give_back_free_memory()  # what conversion and packing left free on the heap (cpu_allocator.py)
         return cls(components, device=device, dtype=dtype, offload=offload, sketch_checkpoint=sketch_checkpoint)
 
     @property

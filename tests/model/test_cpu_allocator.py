@@ -65,6 +65,26 @@ def test_memory_is_handed_back_when_the_last_request_leaves():
     assert kept - _rss_kb() > BIG * 4 // 1024 // 2  # malloc_trim returned (most of) the freed block
 
 
+@glibc_only
+def test_free_holes_left_by_a_load_go_back_to_the_system_but_not_during_a_request():
+    """Blocks below the mmap threshold freed under a live one stay resident (glibc only trims the heap's top)."""
+    small = [torch.ones(8192) for _ in range(6000)]  # 32 KB each, ~190 MB from the heap
+    keeper = torch.ones(8192)  # above them: they are holes, not the heap's top, once freed
+    del small
+    with cpu_allocator.reuse_freed_memory():
+        before = _rss_kb()
+        cpu_allocator.give_back_free_memory()  # a request runs: its end trims, not this
+        assert before - _rss_kb() < 20_000
+    held = _rss_kb()
+    more = [torch.ones(8192) for _ in range(6000)]
+    keeper2 = torch.ones(8192)
+    del more
+    held = _rss_kb()
+    cpu_allocator.give_back_free_memory()
+    assert held - _rss_kb() > 100_000  # KB: most of the ~190 MB of holes
+    del keeper, keeper2
+
+
 def test_nested_and_concurrent_scopes_share_one_count():
     entered, leave = threading.Event(), threading.Event()
 
