@@ -44,6 +44,7 @@ from tooncrafter.media.tensors import (
     preprocess_keyframe,
     video_to_frames,
 )
+from tooncrafter.model.attention import cpu_attention, set_attention_function
 from tooncrafter.model.checkpoint import has_component, read_state_dict
 from tooncrafter.model.config import ToonCrafterConfig, builtin_config, load_config
 from tooncrafter.model.cpu_prepack import prepack_available, prepack_convolutions, prepack_linears
@@ -177,6 +178,9 @@ class ToonCrafterPipeline:
             use_gemm_convolutions(components.unet)  # the deep levels' tiny maps as one GEMM (gemm_conv.py)
             prepack_convolutions(components.unet)  # oneDNN-packed weights for the other convs (cpu_prepack.py)
             prepack_linears(components.unet)  # the linears packed now, GEGLUs fused (cpu_prepack.py)
+        if device.type == "cpu":
+            for module in (components.unet, components.vae, components.resampler):
+                set_attention_function(module, cpu_attention)  # batched products where they beat SDPA (attention.py)
         if compile:
             components.unet.compile(dynamic=False)
         if device.type == "cpu" or offload:

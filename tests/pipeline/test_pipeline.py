@@ -173,3 +173,16 @@ def test_a_request_gives_back_the_mapped_pages_it_no_longer_reads(pipeline: Toon
     assert resident.module_pages(c.vae.decoder)[1] > 0  # read by the decode: still there
     again = pipeline(_request(steps=2)).frames
     np.testing.assert_array_equal(first, again)
+
+
+def test_a_cpu_load_runs_every_attention_on_the_cpu_form_and_packs_the_linears(fixture_set) -> None:
+    from tooncrafter.model.attention import cpu_attention
+    from tooncrafter.model.cpu_prepack import PrepackedGEGLU, PrepackedLinear, linear_prepack_available
+
+    loaded = ToonCrafterPipeline.from_pretrained(fixture_set.directory, device="cpu", dtype="float32", progress=False)
+    parts = loaded.components
+    layers = [m for part in (parts.unet, parts.vae, parts.resampler) for m in part.modules() if hasattr(m, "attention_fn")]
+    assert layers and all(m.attention_fn is cpu_attention for m in layers)
+    if linear_prepack_available(torch.float32):
+        kinds = {type(m) for m in parts.unet.modules()}
+        assert PrepackedLinear in kinds and PrepackedGEGLU in kinds and torch.nn.Linear not in kinds
