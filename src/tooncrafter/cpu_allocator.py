@@ -81,12 +81,12 @@ def reuse_freed_memory() -> Iterator[None]:
 
 
 def give_back_free_memory() -> None:
-    """Hand the heap's free pages back to the system now (`malloc_trim`), unless a request is running (its end
-    trims). For the end of a load: the weights converted or packed at load leave their source copies as free
-    holes between the kept ones, which glibc does not return by itself (mid bf16: 4.9 -> 4.2 GB after load)."""
-    with _lock:
-        if _LIBC is not None and _active == 0:
-            _LIBC.malloc_trim(0)
+    """Hand the heap's free pages back to the system now (`malloc_trim`): at the end of a load, whose converted or
+    packed weights leave their source copies as free holes between the kept ones (glibc only trims the heap's top:
+    mid bf16 4.9 -> 4.2 GB after load), and between the phases of a request, when the next phase needs larger
+    blocks than the freed ones (a page given back and reused later costs one fresh fault)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def active() -> bool:
