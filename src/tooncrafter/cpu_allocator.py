@@ -77,7 +77,7 @@ def reuse_freed_memory() -> Iterator[None]:
             if _active == 0:
                 _mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
                 _mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-                _LIBC.malloc_trim(0)
+                give_back_free_memory()
 
 
 def give_back_free_memory() -> None:

@@ -183,8 +183,7 @@ class ToonCrafterPipeline:
                 set_attention_function(module, cpu_attention)  # batched products where they beat SDPA (attention.py)
         if compile:
             components.unet.compile(dynamic=False)
-        if device.type == "cpu" or offload:
-            give_back_free_memory()  # what conversion and packing left free on the heap (cpu_allocator.py)
+        give_back_free_memory()  # what conversion and packing left free on the CPU heap (cpu_allocator.py)
         return cls(components, device=device, dtype=dtype, offload=offload, sketch_checkpoint=sketch_checkpoint)
 
     @property

@@ -169,8 +169,9 @@ def test_batched_bf16_towers_project_in_one_matmul_and_match_each_input_alone(di
     text, image = _encoders(fx.config.text_encoder, fx.config.image_encoder,
                             component_state_dict(state, "text_encoder"), component_state_dict(state, "image_encoder"))
     text, image = text.to(torch.bfloat16), image.to(torch.bfloat16)
-    tokens, pixels = fx["clip_text_tokens"], _image_inputs(fx).to(torch.bfloat16)
-    assert tokens.shape[0] > 1 and pixels.shape[0] > 1
+    # at least two of each, whatever the fixture set holds: its own inputs, then the same in reverse order
+    tokens = torch.cat([fx["clip_text_tokens"], fx["clip_text_tokens"].flip(0)])
+    pixels = torch.cat([_image_inputs(fx), _image_inputs(fx).flip(0)]).to(torch.bfloat16)
     with profile() as prof:
         text_out, image_out = text(tokens), image(pixels)
     ops = {event.key for event in prof.key_averages()}

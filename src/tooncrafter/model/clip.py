@@ -88,7 +88,7 @@ def _sequence_first(transformer: nn.Module) -> None:
         if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
             raise ValueError(f"clip: {type(block).__name__} blocks are not supported (plain attention blocks only)")
         block.attn.batch_first = False
-    transformer.batch_first = False
+    transformer.batch_first = False  # open_clip's own forward (encode_text/encode_image) then feeds that layout too
 
 
 def run_blocks(transformer: nn.Module, x: torch.Tensor, count: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,9 +14,9 @@ double, although the packed copy then lives on the heap, not in the page cache):
 only (no `state_dict` round trip, no `.to()` to another device). It packs lazily at its first call, and a
 call with another input shape packs again for that shape.
 
-Linear layers (fp32, and bf16 where oneDNN has bf16 kernels) are packed once, when they are replaced, since their
-packing needs no input shape. PyTorch's fp32 `F.linear` calls MKL's sgemm; oneDNN on the packed weight took 0.75-0.98x its time at the mid
-UNet's shapes on an AVX2 AMD EPYC (Zen 3; interleaved, min of 5 rounds: `[32, 256, 320]` x 320 16.2 -> 13.5 ms,
+Linear layers (fp32, and bf16 where oneDNN has bf16 kernels) are packed once, when they are replaced, since
+their packing needs no input shape. PyTorch's fp32 `F.linear` calls MKL's sgemm; oneDNN on the packed weight took
+0.75-0.98x its time at the mid UNet's shapes on an AVX2 AMD EPYC (Zen 3; interleaved, min of 5 rounds: `[32, 256, 320]` x 320 16.2 -> 13.5 ms,
 `[32, 16, 1280]` x 10240 137.6 -> 102.8 ms; 0.85x summed over eleven shapes). One mid fp32 UNet call, alternating
 in one process: 26.1-30.6 s -> 22.1-26.7 s, outputs within 9e-6. Packing the mid UNet's 452 linears (2.4 GB)
 takes ~4.7 s, paid at load. PyTorch's bf16 `F.linear` runs oneDNN but reorders the weight inside every call:
@@ -130,16 +130,26 @@ def linear_prepack_available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype in (torch.float32, torch.bfloat16) and prepack_available(dtype) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _pack_linear_rows(
+    linear: nn.Linear, rows: list[slice], mapped_pages: MappedPages | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """The oneDNN-packed weight and the bias of each row range of `linear`; the dense weight's mapped pages are
+    given back (the packed copies replace it)."""
+    dense = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    packed = [torch.ops.mkldnn._reorder_linear_weight(dense[r].contiguous()) for r in rows]
+    (mapped_pages if mapped_pages is not None else MappedPages()).release(dense)
+    return packed, [bias[r].contiguous() if bias is not None else None for r in rows]
+
+
 class PrepackedLinear(nn.Module):
     """An `nn.Linear` running on a oneDNN-packed copy of its weight (the dense weight is not kept)."""
 
     def __init__(self, linear: nn.Linear, mapped_pages: MappedPages | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        dense = linear.weight.detach()
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(dense)
-        (mapped_pages if mapped_pages is not None else MappedPages()).release(dense)
-        self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None, persistent=False)
+        (self._packed,), (bias,) = _pack_linear_rows(linear, [slice(None)], mapped_pages)
+        self.register_buffer("bias", bias, persistent=False)
 
     @property
     def dense_weight(self) -> torch.Tensor:
@@ -160,15 +170,12 @@ class PrepackedGEGLU(nn.Module):
 
     def __init__(self, geglu: GEGLU, mapped_pages: MappedPages | None = None) -> None:
         super().__init__()
-        proj = geglu.proj
-        width = proj.out_features // 2
-        self.in_features, self.out_features = proj.in_features, width
-        dense, bias = proj.weight.detach(), proj.bias.detach() if proj.bias is not None else None
-        self._value = torch.ops.mkldnn._reorder_linear_weight(dense[:width].contiguous())
-        self._gate = torch.ops.mkldnn._reorder_linear_weight(dense[width:].contiguous())
-        (mapped_pages if mapped_pages is not None else MappedPages()).release(dense)
-        self.register_buffer("value_bias", bias[:width].contiguous() if bias is not None else None, persistent=False)
-        self.register_buffer("gate_bias", bias[width:].contiguous() if bias is not None else None, persistent=False)
+        width = geglu.proj.out_features // 2
+        self.in_features, self.out_features = geglu.proj.in_features, width
+        halves = [slice(None, width), slice(width, None)]  # `a` then `g`, as `chunk(2)` splits them
+        (self._value, self._gate), (value_bias, gate_bias) = _pack_linear_rows(geglu.proj, halves, mapped_pages)
+        self.register_buffer("value_bias", value_bias, persistent=False)
+        self.register_buffer("gate_bias", gate_bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
