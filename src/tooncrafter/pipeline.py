@@ -44,13 +44,12 @@ from tooncrafter.media.tensors import (
     preprocess_keyframe,
     video_to_frames,
 )
-from tooncrafter.model.attention import cpu_attention, set_attention_function
 from tooncrafter.model.checkpoint import has_component, read_state_dict
 from tooncrafter.model.config import ToonCrafterConfig, builtin_config, load_config
-from tooncrafter.model.cpu_prepack import prepack_available, prepack_convolutions, prepack_linears
-from tooncrafter.model.gemm_conv import use_gemm_convolutions
-from tooncrafter.model.loader import ToonCrafterComponents, load_components
+from tooncrafter.model.cpu_inference import pack_for_input, specialise_for_cpu
+from tooncrafter.model.loader import ToonCrafterComponents, build_on_meta, load_components
 from tooncrafter.model.mapped_pages import release_module_pages
+from tooncrafter.model.onednn import prepack_available
 from tooncrafter.model.page_cache import read_into_page_cache
 from tooncrafter.placement import Placement, resolve_device, resolve_dtype
 from tooncrafter.sampling import (
@@ -100,6 +99,23 @@ def _derived_generator(seed: int, stream: int, index: int) -> torch.Generator:
     SeedSequence mixes the three into well-separated seeds)."""
     state = np.random.SeedSequence([seed, stream, index]).generate_state(2, np.uint32)
     return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _pack_for_guided_steps(unet: nn.Module, config: ToonCrafterConfig) -> None:
+    """Pack the CPU UNet's convolutions at load for what a default request's steps give it (cond and uncond rows
+    of one window at the configured size), instead of inside its first step."""
+    twin = build_on_meta(config, ("unet",))["unet"]
+    rows, frames, (h, w) = 2, config.num_frames, config.latent_size
+    context_length = twin.text_context_len + config.resampler.num_queries * frames
+    meta = torch.device("meta")
+    pack_for_input(
+        unet,
+        twin,
+        torch.empty(rows, config.unet.in_channels, frames, h, w, device=meta),
+        torch.zeros(rows, dtype=torch.long, device=meta),
+        torch.empty(rows, context_length, config.unet.context_dim, device=meta),
+        torch.zeros(rows, dtype=torch.long, device=meta),
+    )
 
 
 class ToonCrafterPipeline:
@@ -174,13 +190,14 @@ class ToonCrafterPipeline:
                 "this CPU has no oneDNN %s kernels (they need AVX-512 or AMX): PyTorch's reference kernels are "
                 "many times slower than float32 here; float32 (the CPU default) is the fast choice", dtype
             )
-        if device.type == "cpu" and not compile:
-            use_gemm_convolutions(components.unet)  # the deep levels' tiny maps as one GEMM (gemm_conv.py)
-            prepack_convolutions(components.unet)  # oneDNN-packed weights for the other convs (cpu_prepack.py)
-            prepack_linears(components.unet)  # the linears packed now, GEGLUs fused (cpu_prepack.py)
         if device.type == "cpu":
-            for module in (components.unet, components.vae, components.resampler):
-                set_attention_function(module, cpu_attention)  # batched products where they beat SDPA (attention.py)
+            # packed weights for the network of every step (not under torch.compile); the VAE's decoder convs
+            # re-packed for each decode shape were slower (benchmarks/README.md)
+            specialise_for_cpu(components.unet, pack_weights=not compile)
+            if not compile:
+                _pack_for_guided_steps(components.unet, config)
+            for module in (components.vae, components.resampler):
+                specialise_for_cpu(module, pack_weights=False)
         if compile:
             components.unet.compile(dynamic=False)
         give_back_free_memory()  # what conversion and packing left free on the CPU heap (cpu_allocator.py)

@@ -21,6 +21,7 @@ from tooncrafter.generation import Sketch, SketchGuidanceUnavailable
 from tooncrafter.keyframes import FrameSource
 from tooncrafter.media.sketches import prepare_sketch, sketch_from_image
 from tooncrafter.model.config import UNetConfig
+from tooncrafter.model.cpu_inference import specialise_for_cpu
 from tooncrafter.model.sketch_encoder import (
     SketchEncoder,
     SketchEncoderConfig,
@@ -98,7 +99,10 @@ class LazySketchEncoder:
                 try:
                     path = resolve_sketch_checkpoint(self.checkpoint)
                     logger.info("loading the sketch encoder from %s", path)
-                    self._encoder = load_sketch_encoder(path, self.config, device=self.placement.device, dtype=self.placement.dtype)
+                    encoder = load_sketch_encoder(path, self.config, device=self.placement.device, dtype=self.placement.dtype)
+                    if self.placement.device.type == "cpu":
+                        specialise_for_cpu(encoder)  # it runs every step beside the UNet: the same fast paths
+                    self._encoder = encoder
                 except (WeightsNotFoundError, CheckpointError) as exc:
                     raise SketchGuidanceUnavailable(str(exc)) from exc
             return self._encoder

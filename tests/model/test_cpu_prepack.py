@@ -11,11 +11,10 @@ from tooncrafter.model.cpu_prepack import (
     PrepackedConv,
     PrepackedGEGLU,
     PrepackedLinear,
-    linear_prepack_available,
-    prepack_available,
     prepack_convolutions,
     prepack_linears,
 )
+from tooncrafter.model.onednn import linear_prepack_available, prepack_available
 from tooncrafter.model.transformer import GEGLU, FeedForward
 from tooncrafter.model.vae_blocks import VideoConv2d
 

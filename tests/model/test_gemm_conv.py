@@ -7,8 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tooncrafter.model.cpu_prepack import PrepackedConv, prepack_available, prepack_convolutions
-from tooncrafter.model.gemm_conv import GemmConv, conv2d_as_gemm, supports, use_gemm_convolutions
+from tooncrafter.model.cpu_prepack import PrepackedConv, prepack_convolutions
+from tooncrafter.model.gemm_conv import (
+    GEMM_MAX_PIXELS,
+    ConvGeometry,
+    GemmConv,
+    conv2d_as_gemm,
+    supports,
+    use_gemm_convolutions,
+    weight_from_taps_outer,
+    weight_taps_outer,
+)
+from tooncrafter.model.onednn import linear_prepack_available, prepack_available
 
 CASES = [
     (lambda: nn.Conv2d(16, 8, 3, padding=1), (3, 16, 4, 3)),
@@ -86,9 +96,57 @@ def test_with_a_prepacked_fallback_both_paths_agree():
         assert (got - expected).abs().max().item() <= TOLERANCE[torch.bfloat16] * expected.abs().max().item()
 
 
-def test_the_dispatch_counts_output_pixels_and_keeps_temporal_convs_to_the_smallest_maps():
+def test_the_dispatch_counts_output_pixels_of_a_frame():
     strided = GemmConv(nn.Conv2d(4, 4, 3, stride=2, padding=1), max_pixels=4)
-    assert strided._small(torch.zeros(1, 4, 4, 4))  # 4x4 in, 2x2 out
-    assert not strided._small(torch.zeros(1, 4, 6, 6))  # 3x3 out
+    assert strided.small((1, 4, 4, 4))  # 4x4 in, 2x2 out
+    assert not strided.small((1, 4, 6, 6))  # 3x3 out
     temporal = GemmConv(nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0)), max_pixels=16)
-    assert temporal._small(torch.zeros(1, 4, 5, 2, 2)) and not temporal._small(torch.zeros(1, 4, 5, 4, 4))
+    assert temporal.small((1, 4, 5, 4, 4)) and not temporal.small((1, 4, 5, 4, 5))
+
+
+@pytest.mark.parametrize("make, shape", CASES)
+def test_both_row_orders_give_the_convolution_with_their_weight_layout(make, shape):
+    """Taps outer with the reordered weight, channels outer with the weight as it is: both are the convolution,
+    and the reordered weight goes back to the plain one exactly."""
+    torch.manual_seed(4)
+    conv = make()
+    geometry, weight, x = ConvGeometry.of(conv), conv.weight.detach(), torch.randn(shape)
+    with torch.no_grad():
+        expected = conv(x)
+        for taps_outer, matrix in ((True, weight_taps_outer(weight)), (False, weight.reshape(weight.shape[0], -1))):
+            product = geometry.rows(x, taps_outer) @ matrix.t()
+            got = geometry.output(product + conv.bias if conv.bias is not None else product, x)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(weight_from_taps_outer(weight_taps_outer(weight), weight.shape), weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make, shape", CASES)
+def test_a_packed_convolution_runs_tiny_maps_as_one_gemm_and_switches_forms_with_the_input(make, shape, dtype):
+    """`PrepackedConv` packs a GEMM matrix for tiny output maps and oneDNN's convolution weight for the others,
+    unpacking one form to make the other: each input gets the library convolution's result."""
+    if not linear_prepack_available(dtype):
+        pytest.skip("oneDNN runs no products of this dtype on this CPU")
+    torch.manual_seed(5)
+    conv = make().to(dtype)
+    packed = PrepackedConv(conv)
+    small = torch.randn(shape, dtype=dtype)
+    large = torch.randn(*shape[:-2], 13, 13, dtype=dtype)  # >= 36 output pixels a frame: more than GEMM_MAX_PIXELS
+    assert packed._geometry.output_pixels(small.shape) <= GEMM_MAX_PIXELS < packed._geometry.output_pixels(large.shape)
+    with torch.no_grad():
+        for x, as_gemm in ((small, True), (large, False), (small, True)):
+            got, expected = packed(x).float(), conv(x).float()
+            assert packed._packed_as_gemm == as_gemm and packed.dense_weight is None
+            assert got.shape == expected.shape
+            assert (got - expected).abs().max().item() <= TOLERANCE[dtype] * expected.abs().max().item()
+
+
+def test_the_dense_gemm_form_runs_on_onednn_where_it_multiplies_the_dtype():
+    """The in-place form's product is oneDNN's where it runs the dtype (MKL's fp32 GEMM is slow on AMD EPYC)."""
+    conv = GemmConv(nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        conv(x)
+    names = {event.key for event in prof.key_averages()}
+    assert ("mkldnn::_linear_pointwise" in names) == linear_prepack_available(torch.float32)
+    assert ("aten::addmm" in names) != linear_prepack_available(torch.float32)

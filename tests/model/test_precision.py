@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tooncrafter.model.checkpoint import read_state_dict
-from tooncrafter.model.cpu_prepack import prepack_available
+from tooncrafter.model.onednn import prepack_available
 from tooncrafter.model.loader import load_components
 from tooncrafter.parity import replay_fixture_run
 from tooncrafter.pipeline import ToonCrafterPipeline

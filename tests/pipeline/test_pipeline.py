@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -177,7 +179,8 @@ def test_a_request_gives_back_the_mapped_pages_it_no_longer_reads(pipeline: Toon
 
 def test_a_cpu_load_runs_every_attention_on_the_cpu_form_and_packs_the_linears(fixture_set) -> None:
     from tooncrafter.model.attention import cpu_attention
-    from tooncrafter.model.cpu_prepack import PrepackedGEGLU, PrepackedLinear, linear_prepack_available
+    from tooncrafter.model.cpu_prepack import PrepackedGEGLU, PrepackedLinear
+    from tooncrafter.model.onednn import linear_prepack_available
 
     loaded = ToonCrafterPipeline.from_pretrained(fixture_set.directory, device="cpu", dtype="float32", progress=False)
     parts = loaded.components
@@ -186,3 +189,41 @@ def test_a_cpu_load_runs_every_attention_on_the_cpu_form_and_packs_the_linears(f
     if linear_prepack_available(torch.float32):
         kinds = {type(m) for m in parts.unet.modules()}
         assert PrepackedLinear in kinds and PrepackedGEGLU in kinds and torch.nn.Linear not in kinds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cpu_load_packs_the_unet_for_guided_steps_and_reads_mapped_weights_in_place_on_tiny_maps(fixture_set, dtype) -> None:
+    """Every packed convolution is packed at load for the input a guided step gives it (the request packs
+    nothing); on tiny maps a memory-mapped weight (fp32 from the checkpoint) is read in place, a converted one
+    (bf16) packed as one GEMM's matrix."""
+    from tooncrafter.model.cpu_prepack import PrepackedConv
+    from tooncrafter.model.gemm_conv import GemmConv
+    from tooncrafter.model.mapped_pages import MappedPages
+    from tooncrafter.model.onednn import linear_prepack_available
+
+    if not linear_prepack_available(dtype):
+        pytest.skip("oneDNN runs no products of this dtype on this CPU")
+    loaded = ToonCrafterPipeline.from_pretrained(fixture_set.directory, device="cpu", dtype=dtype, progress=False)
+    unet = loaded.components.unet
+    packed_at_load = {name: m._packed_for for name, m in unet.named_modules() if isinstance(m, PrepackedConv)}
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.setdefault(name, tuple(args[0].shape))
+
+    hooks = [
+        m.register_forward_pre_hook(functools.partial(record, name)) for name, m in unet.named_modules() if isinstance(m, PrepackedConv)
+    ]
+    loaded(_request(steps=1))
+    for hook in hooks:
+        hook.remove()
+    assert seen and all(packed_at_load[name] == shape for name, shape in seen.items())
+    in_place = [m for m in unet.modules() if isinstance(m, GemmConv)]
+    as_gemm = [m for m in unet.modules() if isinstance(m, PrepackedConv) and m._packed_as_gemm]
+    mapped = MappedPages()
+    if dtype == torch.float32:
+        tiny = [m for m in in_place if m.fallback.dense_weight is not None]  # the others packed for large maps
+        assert tiny and not as_gemm
+        assert all(mapped.holds(m.fallback.dense_weight) for m in tiny)  # still the checkpoint's pages
+    else:
+        assert as_gemm and not in_place

@@ -172,6 +172,38 @@ def test_the_denoiser_adds_the_residuals_of_the_cond_and_uncond_rows(pipeline):
     assert float((v_cond - plain).abs().max()) > 1e-3
 
 
+@torch.no_grad()
+def test_a_cpu_sketch_encoder_runs_the_cpu_fast_paths_and_gives_the_plain_encoders_residuals(pipeline, sketch_checkpoint):
+    """Loaded for a CPU pipeline, the encoder that runs beside the UNet every step gets its packed layers and
+    attention; its residuals are those of the encoder as loaded."""
+    from tooncrafter.model.attention import cpu_attention
+    from tooncrafter.model.onednn import linear_prepack_available
+    from tooncrafter.model.sketch_encoder import SketchEncoderConfig, load_sketch_encoder
+
+    cfg = pipeline.config
+    encoder = pipeline.sketch_encoder.get()
+    layers = [m for m in encoder.modules() if hasattr(m, "attention_fn")]
+    assert layers and all(m.attention_fn is cpu_attention for m in layers)
+    if linear_prepack_available(torch.float32):
+        kinds = {type(m) for m in encoder.modules()}
+        assert torch.nn.Linear not in kinds and torch.nn.Conv2d not in kinds, kinds
+    plain = load_sketch_encoder(sketch_checkpoint, SketchEncoderConfig.from_unet(cfg.unet))
+    pixels = torch.stack([preprocess_keyframe(image, *pipeline.pixel_size) for image in _images(2)])
+    cond = ConditionEncoder(pipeline.components, pipeline.placement)(
+        pixels, [(0, 1)], prompt="a cat", cfg_scale=7.5, motion_steps=10,
+        posterior_noise=torch.randn(2, cfg.diffusion.channels, *cfg.latent_size),
+    )
+    x = torch.randn(1, cfg.diffusion.channels, cfg.num_frames, *cfg.latent_size)
+    sketches = torch.rand(1, cfg.num_frames, 1, *pipeline.pixel_size).round()
+    mask = torch.ones(1, cfg.num_frames, dtype=torch.bool)
+    t = torch.tensor([400])
+    got = encode_sketches(encoder, x, t, cond.context_cond, sketches, mask, 0.6)
+    expected = encode_sketches(plain, x, t, cond.context_cond, sketches, mask, 0.6)
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
+
+
 def test_sketches_guide_the_clip_only_through_their_frames(pipeline, monkeypatch):
     num_frames = pipeline.num_frames
     frames = (1, num_frames - 2)

@@ -12,7 +12,8 @@ convolutions 7.3 -> 5.5 s there.
 The dense weight is dropped once packed, and its pages given back if it was memory-mapped (so memory does not
 double, although the packed copy then lives on the heap, not in the page cache): a prepacked module is for inference
 only (no `state_dict` round trip, no `.to()` to another device). It packs lazily at its first call, and a
-call with another input shape packs again for that shape.
+call with another input shape packs again for that shape. For output maps of at most `GEMM_MAX_PIXELS` pixels
+it packs the weight as one GEMM's matrix instead (`gemm_conv.py`: 1.3-2.8x faster there).
 
 Linear layers (fp32, and bf16 where oneDNN has bf16 kernels) are packed once, when they are replaced, since
 their packing needs no input shape. PyTorch's fp32 `F.linear` calls MKL's sgemm; oneDNN on the packed weight took
@@ -34,27 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tooncrafter.model.gemm_conv import GEMM_MAX_PIXELS, ConvGeometry, supports, weight_from_taps_outer, weight_taps_outer
 from tooncrafter.model.mapped_pages import MappedPages
+from tooncrafter.model.onednn import linear_prepack_available, prepack_available
 from tooncrafter.model.transformer import GEGLU
 
 
-def prepack_available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether oneDNN can pack and run convolutions of `dtype` on this CPU.
-
-    Its bf16/fp16 kernels need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: on an AVX2-only CPU (AMD Zen 3, for one)
-    the weight reorder raises, so those convolutions stay with PyTorch's own kernels there.
-    """
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
-        return False
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return dtype == torch.float32
-
-
 class PrepackedConv(nn.Module):
-    """A 2D or 3D convolution (no padding mode other than zeros) running on a oneDNN-packed weight."""
+    """A 2D or 3D convolution (no padding mode other than zeros) running on a oneDNN-packed weight: packed for
+    oneDNN's convolution, or, on tiny output maps, as the matrix of one GEMM over the input's rows."""
 
     def __init__(self, conv: nn.Conv2d | nn.Conv3d, mapped_pages: MappedPages | None = None) -> None:
         super().__init__()
@@ -64,6 +53,9 @@ class PrepackedConv(nn.Module):
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self._weight_shape = conv.weight.shape
+        # the GEMM form where it applies and oneDNN multiplies this dtype
+        self._geometry = ConvGeometry.of(conv) if supports(conv) and linear_prepack_available(conv.weight.dtype) else None
         # buffers (not saved): what `release_module_pages` and `buffers()` see until the weight is packed
         self.register_buffer("_dense", conv.weight.detach(), persistent=False)
         self.register_buffer("bias", conv.bias.detach() if conv.bias is not None else None, persistent=False)
@@ -72,16 +64,39 @@ class PrepackedConv(nn.Module):
         self._mapped_pages = mapped_pages if mapped_pages is not None else MappedPages()
         self._packed: torch.Tensor | None = None
         self._packed_for: tuple[int, ...] | None = None
+        self._packed_as_gemm = False
         self._reorder = torch._C._nn.mkldnn_reorder_conv2d_weight if self.dims == 2 else torch._C._nn.mkldnn_reorder_conv3d_weight
 
+    def _as_gemm(self, shape: tuple[int, ...]) -> bool:
+        return self._geometry is not None and self._geometry.output_pixels(shape) <= GEMM_MAX_PIXELS
+
     def _pack(self, shape: tuple[int, ...]) -> None:
-        dense = self._dense if self._dense is not None else self._packed.to_dense()
-        self._packed = self._reorder(dense.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(shape))
+        as_gemm = self._as_gemm(shape)
+        if not (as_gemm and self._packed_as_gemm):  # the GEMM's matrix is the same for every input shape
+            dense = self._unpacked()
+            if as_gemm:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight_taps_outer(dense))
+            else:
+                self._packed = self._reorder(dense.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(shape))
+            self._packed_as_gemm = as_gemm
         self._packed_for = shape
         if self._dense is not None:
             # the packed copy is the weight from now on; a memory-mapped source would stay resident beside it
             self._mapped_pages.release(self._dense)
         self._dense = None
+
+    def pack_for(self, shape: tuple[int, ...]) -> None:
+        """Pack now for inputs of `shape` (what the first call with that shape would do)."""
+        if tuple(shape) != self._packed_for:
+            self._pack(tuple(shape))
+
+    def _unpacked(self) -> torch.Tensor:
+        """The plain weight: the one given, or a copy unpacked from the packed form."""
+        if self._dense is not None:
+            return self._dense
+        if self._packed_as_gemm:
+            return weight_from_taps_outer(self._packed.to_dense(), self._weight_shape)
+        return self._packed.to_dense()
 
     @property
     def dense_weight(self) -> torch.Tensor | None:
@@ -89,14 +104,17 @@ class PrepackedConv(nn.Module):
         return self._dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape) != self._packed_for:
-            self._pack(tuple(x.shape))
+        self.pack_for(tuple(x.shape))
+        if self._packed_as_gemm:
+            rows = self._geometry.rows(x, taps_outer=True)
+            return self._geometry.output(torch.ops.mkldnn._linear_pointwise(rows, self._packed, self.bias, "none", [], ""), x)
         return torch.ops.mkldnn._convolution_pointwise(
             x, self._packed, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
         )
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, {self.dims}d, packed_for={self._packed_for}"
+        form = ", as one GEMM" if self._packed_as_gemm else ""
+        return f"{self.in_channels}, {self.out_channels}, {self.dims}d, packed_for={self._packed_for}{form}"
 
 
 def _replace_children(root: nn.Module, wanted: Callable[[nn.Module], bool], make: Callable[[nn.Module, MappedPages], nn.Module]) -> int:
@@ -120,14 +138,6 @@ def prepack_convolutions(root: nn.Module) -> int:
         and child.padding_mode == "zeros" and prepack_available(child.weight.dtype),
         PrepackedConv,
     )
-
-
-def linear_prepack_available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether linear layers of `dtype` are packed here: fp32, and bf16 where oneDNN has bf16 kernels
-    (`prepack_available`; packing a bf16 weight raises on an AVX2-only CPU). Unpacked, fp32 runs MKL's sgemm
-    and bf16 reorders its weight inside every call: on Zen 5 packing took a bf16 `[8192, 320] x 2560` from
-    19.9 to 14.7 ms and the other UNet shapes 5-13 % (benchmarks/README.md)."""
-    return dtype in (torch.float32, torch.bfloat16) and prepack_available(dtype) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _pack_linear_rows(
@@ -200,6 +210,6 @@ def prepack_linears(root: nn.Module) -> int:
 
 def reference_convolution(module: PrepackedConv, x: torch.Tensor) -> torch.Tensor:
     """The same convolution by `F.conv2d`/`F.conv3d` on the (unpacked) weight: for tests."""
-    weight = module._dense if module._dense is not None else module._packed.to_dense()
+    weight = module._unpacked()
     conv = F.conv2d if module.dims == 2 else F.conv3d
     return conv(x, weight, module.bias, module.stride, module.padding, module.dilation, module.groups)

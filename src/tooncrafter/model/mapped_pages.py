@@ -70,6 +70,13 @@ class MappedPages:
         i = bisect_right(self._starts, start) - 1
         return i >= 0 and end <= self._ends[i]
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor`'s storage lies in a private file mapping (a memory-mapped checkpoint's pages)."""
+        if tensor.device.type != "cpu":
+            return False
+        storage = tensor.untyped_storage()
+        return storage.nbytes() > 0 and self._within_file_mapping(storage.data_ptr(), storage.data_ptr() + storage.nbytes())
+
     def release(self, tensor: torch.Tensor) -> None:
         """Drop the whole pages inside `tensor`'s storage, if it lies in a private file mapping."""
         if self._madvise is None or tensor.device.type != "cpu":

@@ -23,6 +23,11 @@ def _native(x: torch.Tensor) -> bool:
     return NATIVE_LOW_PRECISION_ON_CPU and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
+def _autocast_off(x: torch.Tensor) -> torch.autocast:
+    # the meta device (shape-only runs: `cpu_inference.pack_for_input`) has no autocast state of its own
+    return torch.autocast(device_type="cpu" if x.device.type == "meta" else x.device.type, enabled=False)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics are computed in fp32 (outside autocast); returns the input dtype."""
 
@@ -32,7 +37,7 @@ class GroupNorm32(nn.GroupNorm):
                 return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x):
             out = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
         return out.to(x.dtype)
 
@@ -46,6 +51,6 @@ class LayerNorm32(nn.LayerNorm):
                 return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x):
             out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
         return out.to(x.dtype)

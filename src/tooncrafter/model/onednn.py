@@ -1,0 +1,29 @@
+"""What oneDNN (PyTorch's mkldnn backend) can run on this CPU, asked once by every CPU fast path."""
+
+from __future__ import annotations
+
+import torch
+
+
+def prepack_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN can pack and run convolutions of `dtype` on this CPU.
+
+    Its bf16/fp16 kernels need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: on an AVX2-only CPU (AMD Zen 3, for one)
+    the weight reorder raises, so those convolutions stay with PyTorch's own kernels there.
+    """
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return dtype == torch.float32
+
+
+def linear_prepack_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether matrix products of `dtype` run on oneDNN's `_linear_pointwise` here (packed weight or plain):
+    fp32, and bf16 where oneDNN has bf16 kernels (`prepack_available`; a bf16 weight raises on an AVX2-only
+    CPU). Otherwise fp32 runs MKL's sgemm -- 2-2.3x slower than oneDNN on AMD EPYC (Zen 3 and Zen 5), where MKL
+    takes its generic path -- and bf16 reorders its weight inside every call: on Zen 5 packing took a bf16
+    `[8192, 320] x 2560` from 19.9 to 14.7 ms and the other UNet shapes 5-13 % (benchmarks/README.md)."""
+    return dtype in (torch.float32, torch.bfloat16) and prepack_available(dtype) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
