@@ -106,8 +106,7 @@ class PrepackedConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.pack_for(tuple(x.shape))
         if self._packed_as_gemm:
-            rows = self._geometry.rows(x, taps_outer=True)
-            return self._geometry.output(torch.ops.mkldnn._linear_pointwise(rows, self._packed, self.bias, "none", [], ""), x)
+            return self._geometry.run(x, self._packed, self.bias, taps_outer=True)
         return torch.ops.mkldnn._convolution_pointwise(
             x, self._packed, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
         )

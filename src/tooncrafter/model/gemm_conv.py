@@ -8,7 +8,7 @@ sizes), times the weight as `[O, taps * C]` -- ran 1.3-2.8x faster on Zen 5 (2 t
 `[2, 1280, 16, 4, 4]` 8.3 -> 5.6 ms; fp32 55.0 -> 33.4, 37.9 -> 9.2 and 13.6 -> 12.2 ms) and ties or loses
 from 8x8 on (bf16 3x3 at 8x8 66.8 vs 67.3 ms, 640 ch 17.2 vs 14.2 ms).
 
-Two forms of the weight (`benchmarks/README.md`, "Convolutions on tiny maps"):
+Two forms of the weight (`benchmarks/README.md`, Zen 5 section, change 6):
 * packed, taps outer and channels inner (`PrepackedConv` in `cpu_prepack.py`, for weights on the heap: a
   converted bf16 copy costs nothing more packed). The rows are one contiguous copy of the padded input.
 * read in place, channels outer (`GemmConv` here, for memory-mapped weights: their pages stay file pages that
@@ -79,6 +79,11 @@ class ConvGeometry:
         # two contiguous copies beat one strided gather: 1.3 against 4.5 ms for bf16 [32, 1280, 4, 4] on Zen 5
         return rows.view(-1, kh * kw, c).transpose(1, 2).reshape(n * out_h * out_w, c * kh * kw)
 
+    def run(self, x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None, taps_outer: bool) -> torch.Tensor:
+        """The convolution of `x` as one product with `matrix`: `[O, taps * C]` in the order `taps_outer` says,
+        plain or oneDNN-packed (`matmul`)."""
+        return self.output(matmul(self.rows(x, taps_outer), matrix, bias), x)
+
     def output(self, product: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`[positions, O]` back as the convolution's output of input `x` (a channels-last view, no copy)."""
         if self.temporal:
@@ -105,8 +110,8 @@ def weight_from_taps_outer(matrix: torch.Tensor, shape: torch.Size | tuple[int, 
 
 
 def matmul(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`rows @ weight.T + bias` for a plain `[O, K]` weight: on oneDNN where it runs this dtype (MKL's fp32 GEMM
-    takes twice its time on AMD EPYC), else PyTorch's own."""
+    """`rows @ weight.T + bias` for an `[O, K]` weight, plain or oneDNN-packed (packed only where oneDNN runs the
+    dtype): on oneDNN where it runs this dtype (MKL's fp32 GEMM takes twice its time on AMD EPYC), else PyTorch's own."""
     if linear_prepack_available(rows.dtype):
         return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
     return torch.addmm(bias, rows, weight.t()) if bias is not None else rows @ weight.t()
@@ -125,7 +130,7 @@ def conv2d_as_gemm(
     float summation order.
     """
     geometry = ConvGeometry(_pair(weight.shape[2:]), _pair(stride), _pair(padding), temporal=False)
-    return geometry.output(matmul(geometry.rows(x, taps_outer=False), weight.reshape(weight.shape[0], -1), bias), x)
+    return geometry.run(x, weight.reshape(weight.shape[0], -1), bias, taps_outer=False)
 
 
 class GemmConv(nn.Module):
@@ -158,8 +163,7 @@ class GemmConv(nn.Module):
         weight, bias = self._dense()
         if weight is None:
             return self.fallback(x)
-        product = matmul(self.geometry.rows(x, taps_outer=False), weight.reshape(weight.shape[0], -1), bias)
-        return self.geometry.output(product, x)
+        return self.geometry.run(x, weight.reshape(weight.shape[0], -1), bias, taps_outer=False)
 
     def extra_repr(self) -> str:
         return f"max_pixels={self.max_pixels}"

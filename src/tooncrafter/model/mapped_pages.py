@@ -79,14 +79,12 @@ class MappedPages:
 
     def release(self, tensor: torch.Tensor) -> None:
         """Drop the whole pages inside `tensor`'s storage, if it lies in a private file mapping."""
-        if self._madvise is None or tensor.device.type != "cpu":
+        if self._madvise is None or not self.holds(tensor):
             return
         storage = tensor.untyped_storage()
         start, size = storage.data_ptr(), storage.nbytes()
         first, last = -(-start // PAGE) * PAGE, (start + size) // PAGE * PAGE  # whole pages only
-        if last <= first or not self._within_file_mapping(start, start + size):
-            return
-        if self._madvise(first, last - first, MADV_DONTNEED) == 0:
+        if last > first and self._madvise(first, last - first, MADV_DONTNEED) == 0:
             self.released_bytes += last - first
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
+@functools.cache  # asked per call by the GEMM form: what the CPU and the build offer does not change
 def prepack_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether oneDNN can pack and run convolutions of `dtype` on this CPU.
 
@@ -20,6 +23,7 @@ def prepack_available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype == torch.float32
 
 
+@functools.cache
 def linear_prepack_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether matrix products of `dtype` run on oneDNN's `_linear_pointwise` here (packed weight or plain):
     fp32, and bf16 where oneDNN has bf16 kernels (`prepack_available`; a bf16 weight raises on an AVX2-only
