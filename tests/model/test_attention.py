@@ -36,17 +36,23 @@ def test_the_logits_are_computed_in_pieces_within_the_budget(monkeypatch):
     q, k, v = torch.randn(4, 24, 32), torch.randn(4, 12, 32), torch.randn(4, 12, 32)
     heads = 4
     products: list[tuple[int, ...]] = []
-    real_bmm = torch.bmm
+    real_bmm, real_baddbmm = torch.bmm, torch.baddbmm
 
     def counting_bmm(a, b, **kwargs):
         products.append(tuple(a.shape))
         return real_bmm(a, b, **kwargs)
 
+    def counting_baddbmm(start, a, b, **kwargs):
+        products.append(tuple(a.shape))
+        return real_baddbmm(start, a, b, **kwargs)
+
     logits_bytes = 24 * 12 * 4  # one head's logits, fp32
     monkeypatch.setattr(attention, "CPU_LOGITS_BUDGET_BYTES", 3 * logits_bytes)
     monkeypatch.setattr(torch, "bmm", counting_bmm)
+    monkeypatch.setattr(torch, "baddbmm", counting_baddbmm)
     got = cpu_attention(q, k, v, heads)
     monkeypatch.setattr(torch, "bmm", real_bmm)
+    monkeypatch.setattr(torch, "baddbmm", real_baddbmm)
     # 16 heads in all, 3 per piece: 6 pieces, two products each; no piece above the budget
     assert len(products) == 12 and max(shape[0] for shape in products) == 3
     torch.testing.assert_close(got, math_attention(q, k, v, heads), rtol=1e-5, atol=1e-5)
@@ -61,3 +67,16 @@ def test_many_keys_in_fp32_and_other_devices_keep_sdpa(monkeypatch):
     cpu_attention(few, few, few, 2)
     cpu_attention(few.bfloat16(), many.bfloat16(), many.bfloat16(), 2)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("keys", [4, 16, 32, 77, 256])
+def test_low_precision_softmax_matches_fp32_whichever_kernel_runs_it(keys):
+    """Short odd rows go through the fp32 kernel and back, the rest stay in bf16: either way the result is the fp32
+    softmax rounded to bf16 (within one bf16 step), and fp32 input is untouched."""
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 8, keys) * 4).bfloat16().float()  # exactly representable in bf16
+    want = logits.softmax(dim=-1)
+    got = attention._softmax_last(logits.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(attention._softmax_last(logits), want, rtol=0, atol=0)

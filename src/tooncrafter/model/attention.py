@@ -62,7 +62,8 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     the fused kernel's time at every shape of the mid UNet and VAE (`[32, 5, 256, 64]` self-attention 25.1 ->
     11.9 ms, `[512, 5, 16, 64]` temporal 8.8 -> 3.9 ms, VAE `[1, 8, 1024, 64]` x 2048 keys 26.6 -> 11.5 ms, the
     full-size `[32, 5, 2560, 64]` 1.65 -> 0.96 s); in fp32 only with few keys (16 keys 10.7 -> 6.0 ms; 256 keys
-    21.5 -> 29.3 ms). The logits round to the input dtype before the softmax, as in the official math.
+    21.5 -> 29.3 ms). The logits round to the input dtype before the softmax, as in the official math; the
+    softmax's own output rounds to it once.
     """
     if q.device.type != "cpu" or (q.dtype == torch.float32 and k.shape[1] > CPU_FP32_MATH_MAX_KEYS):
         return sdpa_attention(q, k, v, heads, scale)
@@ -73,11 +74,24 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     q3, k3, v3 = q.reshape(b * h, lq, d), k.reshape(b * h, lk, d), v.reshape(b * h, lk, v.shape[-1])
     out = torch.empty(b * h, lq, v.shape[-1], dtype=q.dtype)
     per_piece = max(1, CPU_LOGITS_BUDGET_BYTES // (lq * lk * q.element_size()))
+    no_input = q.new_zeros(())  # baddbmm with beta 0 reads nothing from it
     for start in range(0, b * h, per_piece):
         end = min(start + per_piece, b * h)
-        logits = torch.bmm(q3[start:end], k3[start:end].transpose(1, 2)).mul_(scale)
-        torch.bmm(logits.softmax(dim=-1), v3[start:end], out=out[start:end])
+        # the scale as the product's alpha: no extra pass over the logits
+        logits = torch.baddbmm(no_input, q3[start:end], k3[start:end].transpose(1, 2), beta=0, alpha=scale)
+        torch.bmm(_softmax_last(logits), v3[start:end], out=out[start:end])
     return _merge_heads(out.view(b, h, lq, -1))
+
+
+def _softmax_last(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis in the logits' dtype. PyTorch's bf16/fp16 CPU kernel is slow on rows whose length
+    is not a multiple of its 32-lane vector (2 threads, Zen 5, 650k rows of 16: 20.1 ms; 77 keys 12.8 ms per
+    170k rows): there the fp32 kernel plus a cast back is faster (11.6 / 9.5 ms), elsewhere slower (64 keys 5.3
+    vs 8.7 ms), so only short odd rows (the UNet's 16 temporal and image tokens, 77 text tokens) take it."""
+    keys = logits.shape[-1]
+    if logits.dtype in (torch.bfloat16, torch.float16) and keys % 32 and 8 < keys < 96:
+        return logits.softmax(dim=-1, dtype=torch.float32).to(logits.dtype)
+    return logits.softmax(dim=-1)
 
 
 def set_attention_function(root: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
