@@ -193,10 +193,11 @@ class ToonCrafterPipeline:
         if device.type == "cpu":
             # packed weights for the network of every step (not under torch.compile); the VAE's decoder convs
             # re-packed for each decode shape were slower (benchmarks/README.md)
-            specialise_for_cpu(components.unet, pack_weights=not compile)
+            specialise_for_cpu(components.unet, pack_weights=not compile, in_place_linears=not compile)
             if not compile:
                 _pack_for_guided_steps(components.unet, config)
-            for module in (components.vae, components.resampler):
+            # read once or twice a request, and their pages given back after it: linears on oneDNN in place
+            for module in (components.vae, components.resampler, components.text_encoder, components.image_encoder):
                 specialise_for_cpu(module, pack_weights=False)
         if compile:
             components.unet.compile(dynamic=False)

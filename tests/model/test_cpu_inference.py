@@ -8,7 +8,7 @@ from torch import nn
 
 from tooncrafter.model.attention import cpu_attention
 from tooncrafter.model.cpu_inference import pack_for_input, specialise_for_cpu
-from tooncrafter.model.cpu_prepack import PrepackedConv
+from tooncrafter.model.cpu_prepack import InPlaceLinear, PrepackedConv, PrepackedLinear
 from tooncrafter.model.gemm_conv import GemmConv
 from tooncrafter.model.onednn import linear_prepack_available
 from tooncrafter.model.transformer import SpatialTransformer
@@ -58,9 +58,28 @@ def test_a_memory_mapped_weight_is_read_in_place_on_tiny_maps_and_a_heap_one_is_
 
 
 def test_attention_is_the_cpu_form_with_or_without_packing():
-    for pack in (True, False):
+    for pack, in_place in ((True, True), (False, True), (False, False)):
         block = SpatialTransformer(32, heads=2, head_dim=16, context_dim=8)
-        specialise_for_cpu(block, pack_weights=pack)
+        specialise_for_cpu(block, pack_weights=pack, in_place_linears=in_place)
         layers = [m for m in block.modules() if hasattr(m, "attention_fn")]
         assert layers and all(m.attention_fn is cpu_attention for m in layers)
-        assert any(isinstance(m, nn.Linear) for m in block.modules()) != pack
+        # packed, else on oneDNN in place, else left as they are (for torch.compile)
+        assert any(isinstance(m, PrepackedLinear) for m in block.modules()) == pack
+        assert any(isinstance(m, InPlaceLinear) for m in block.modules()) == (in_place and not pack)
+        assert any(isinstance(m, nn.Linear) for m in block.modules()) == (not pack and not in_place)
+
+
+@pytest.mark.skipif(not linear_prepack_available(torch.float32), reason="oneDNN fp32 products not available")
+def test_in_place_linears_keep_their_weight_and_match_nn_linear():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8, bias=False), nn.Linear(8, 8).bfloat16())
+    weights = [m.weight for m in block if isinstance(m, nn.Linear)]
+    x = torch.randn(3, 5, 24)
+    want = block[:3](x)
+    keys = set(block.state_dict())
+    specialise_for_cpu(block, pack_weights=False)
+    assert [type(m) for m in block] == [InPlaceLinear, nn.GELU, InPlaceLinear, nn.Linear]  # bf16 stays nn.Linear
+    assert block[0].weight is weights[0] and block[2].weight is weights[1]  # no copy: mapped pages stay releasable
+    assert set(block.state_dict()) == keys
+    torch.testing.assert_close(block[:3](x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(block[:3](x.transpose(0, 1)), want.transpose(0, 1), rtol=1e-5, atol=1e-5)  # strided in

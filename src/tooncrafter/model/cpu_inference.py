@@ -8,21 +8,22 @@ import torch
 from torch import nn
 
 from tooncrafter.model.attention import cpu_attention, set_attention_function
-from tooncrafter.model.cpu_prepack import PrepackedConv, prepack_convolutions, prepack_linears
+from tooncrafter.model.cpu_prepack import PrepackedConv, linears_in_place, prepack_convolutions, prepack_linears
 from tooncrafter.model.gemm_conv import GemmConv, use_gemm_convolutions
 from tooncrafter.model.mapped_pages import MappedPages
 from tooncrafter.model.onednn import linear_prepack_available
 
 
-def specialise_for_cpu(network: nn.Module, *, pack_weights: bool = True) -> None:
+def specialise_for_cpu(network: nn.Module, *, pack_weights: bool = True, in_place_linears: bool = True) -> None:
     """Give a loaded CPU network the attention that is faster there (`cpu_attention`) and, with `pack_weights`,
     oneDNN-packed convolutions and linears (`cpu_prepack.py`), tiny maps' convolutions as one GEMM (`gemm_conv.py`).
 
     A convolution whose weight is memory-mapped from the checkpoint (fp32, or a pre-converted bf16 file) reads it
     in place on tiny maps (`GemmConv`): those pages stay file pages that a request gives back before its decodes
     (a packed copy would stay on the heap: ~2.8 GB of the mid fp32 UNet). One on the heap (a converted copy)
-    packs its GEMM matrix in `PrepackedConv` at no memory cost. Inference only: packed layers cannot be trained
-    or moved to another device.
+    packs its GEMM matrix in `PrepackedConv` at no memory cost. With `in_place_linears`, the fp32 linears not packed
+    run on oneDNN reading their own weight (`InPlaceLinear`: no copy, so for networks whose pages a request gives
+    back). Inference only: packed layers cannot be trained or moved to another device.
     """
     if pack_weights:
         mapped = MappedPages()  # one read of the process's mappings for every layer
@@ -31,6 +32,8 @@ def specialise_for_cpu(network: nn.Module, *, pack_weights: bool = True) -> None
         )
         prepack_convolutions(network)  # every other convolution oneDNN runs: packed, tiny maps as one GEMM
         prepack_linears(network)  # packed now, GEGLUs fused
+    if in_place_linears:
+        linears_in_place(network)  # the fp32 linears left (not packed): oneDNN on the weight where it lies
     set_attention_function(network, cpu_attention)  # batched products where they beat SDPA (attention.py)
 
 
