@@ -19,6 +19,13 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def kernel_work() -> tuple[float, int]:
+    """System CPU seconds and minor page faults of this process so far: what first touches of fresh memory cost
+    (on a VM, a page the host has not backed yet costs ~10x one it has: benchmarks/README.md)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_stime, usage.ru_minflt
+
+
 def rss_mb() -> dict[str, float]:
     """Current (`VmRSS`) and peak (`VmHWM`) resident memory of this process in MB (MiB)."""
     found = {"VmRSS": 0.0, "VmHWM": 0.0}
@@ -44,26 +51,23 @@ class StageClock:
     """Wall and CPU seconds of named stages, recorded by wrapping callables (the wrapped code is unchanged).
 
     `events` keeps every call in order as `(label, wall_s, cpu_s)`, so repeated stages (each DDIM step, each
-    decode) stay separate.
+    decode) stay separate; `kernel` holds each call's `(system_s, minor_faults)` beside it.
     """
 
     def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
         self.events: list[tuple[str, float, float]] = []
+        self.kernel: list[tuple[float, int]] = []
         self._sync = sync
         self._undo: list[tuple[object, str, object, bool]] = []
 
     def wrap(self, owner: object, name: str, label: str) -> None:
         original = getattr(owner, name)
         had_own = name in vars(owner)
-        events, sync = self.events, self._sync
+        record = self._record
 
         def timed(*args, **kwargs):
-            sync()
-            start, cpu = time.perf_counter(), cpu_seconds()
-            result = original(*args, **kwargs)
-            sync()
-            events.append((label, time.perf_counter() - start, cpu_seconds() - cpu))
-            return result
+            with record(label):
+                return original(*args, **kwargs)
 
         setattr(owner, name, timed)
         self._undo.append((owner, name, original, had_own))
@@ -78,18 +82,27 @@ class StageClock:
 
     @contextmanager
     def stage(self, label: str) -> Iterator[None]:
+        with self._record(label):
+            yield
+
+    @contextmanager
+    def _record(self, label: str) -> Iterator[None]:
         self._sync()
-        start, cpu = time.perf_counter(), cpu_seconds()
+        start, cpu, (system, faults) = time.perf_counter(), cpu_seconds(), kernel_work()
         yield
         self._sync()
+        system_end, faults_end = kernel_work()
         self.events.append((label, time.perf_counter() - start, cpu_seconds() - cpu))
+        self.kernel.append((system_end - system, faults_end - faults))
 
     def summary(self) -> dict:
         """Per label: the total and, for repeated labels, every call (`<label>_each_s`)."""
         out: dict = {}
-        for label, wall, cpu in self.events:
+        for (label, wall, cpu), (system, faults) in zip(self.events, self.kernel):
             out[f"{label}_s"] = out.get(f"{label}_s", 0.0) + wall
             out[f"{label}_cpu_s"] = out.get(f"{label}_cpu_s", 0.0) + cpu
             out.setdefault(f"{label}_each_s", []).append(wall)
             out.setdefault(f"{label}_each_cpu_s", []).append(cpu)
+            out.setdefault(f"{label}_each_system_s", []).append(system)
+            out.setdefault(f"{label}_each_minor_faults", []).append(faults)
         return out
