@@ -8,7 +8,7 @@ from torch import nn
 
 from tooncrafter.model.attention import cpu_attention
 from tooncrafter.model.cpu_inference import pack_for_input, specialise_for_cpu
-from tooncrafter.model.cpu_prepack import InPlaceLinear, PrepackedConv, PrepackedLinear
+from tooncrafter.model.cpu_prepack import InPlaceLinear, InPlaceSelfAttention, PrepackedConv, PrepackedLinear, linears_in_place
 from tooncrafter.model.gemm_conv import GemmConv
 from tooncrafter.model.onednn import linear_prepack_available
 from tooncrafter.model.transformer import SpatialTransformer
@@ -83,3 +83,32 @@ def test_in_place_linears_keep_their_weight_and_match_nn_linear():
     assert set(block.state_dict()) == keys
     torch.testing.assert_close(block[:3](x), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(block[:3](x.transpose(0, 1)), want.transpose(0, 1), rtol=1e-5, atol=1e-5)  # strided in
+
+
+@pytest.mark.skipif(not linear_prepack_available(torch.float32), reason="oneDNN fp32 products not available")
+@pytest.mark.parametrize("causal", [False, True])
+def test_in_place_self_attention_matches_multihead_attention(causal):
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.attn = nn.MultiheadAttention(48, 4, batch_first=False).eval()
+    reference = holder.attn
+    keys, weight = set(holder.state_dict()), reference.in_proj_weight
+    x = torch.randn(9, 3, 48)  # [L, B, D], sequence first as the CLIP towers run it
+    mask = torch.full((9, 9), float("-inf")).triu_(1) if causal else None
+    want = reference(x, x, x, need_weights=False, attn_mask=mask)[0]
+    assert linears_in_place(holder) == 1
+    assert isinstance(holder.attn, InPlaceSelfAttention) and holder.attn.in_proj_weight is weight
+    assert set(holder.state_dict()) == keys  # the same parameter names
+    got, weights = holder.attn(x, x, x, need_weights=False, attn_mask=mask)
+    assert weights is None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="self-attention"):
+        holder.attn(x, x.clone(), x)
+
+
+def test_batch_first_or_low_precision_attention_stays_as_it_is():
+    holder = nn.Module()
+    holder.first = nn.MultiheadAttention(16, 2, batch_first=True)
+    holder.bf16 = nn.MultiheadAttention(16, 2).bfloat16()
+    assert linears_in_place(holder) == 0
+    assert type(holder.first) is nn.MultiheadAttention and type(holder.bf16) is nn.MultiheadAttention
