@@ -50,13 +50,12 @@ def reset_peak_rss() -> bool:
 class StageClock:
     """Wall and CPU seconds of named stages, recorded by wrapping callables (the wrapped code is unchanged).
 
-    `events` keeps every call in order as `(label, wall_s, cpu_s)`, so repeated stages (each DDIM step, each
-    decode) stay separate; `kernel` holds each call's `(system_s, minor_faults)` beside it.
+    `events` keeps every call in order as `(label, wall_s, cpu_s, system_s, minor_faults)`, so repeated stages
+    (each DDIM step, each decode) stay separate.
     """
 
     def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
-        self.events: list[tuple[str, float, float]] = []
-        self.kernel: list[tuple[float, int]] = []
+        self.events: list[tuple[str, float, float, float, int]] = []
         self._sync = sync
         self._undo: list[tuple[object, str, object, bool]] = []
 
@@ -92,13 +91,12 @@ class StageClock:
         yield
         self._sync()
         system_end, faults_end = kernel_work()
-        self.events.append((label, time.perf_counter() - start, cpu_seconds() - cpu))
-        self.kernel.append((system_end - system, faults_end - faults))
+        self.events.append((label, time.perf_counter() - start, cpu_seconds() - cpu, system_end - system, faults_end - faults))
 
     def summary(self) -> dict:
         """Per label: the total and, for repeated labels, every call (`<label>_each_s`)."""
         out: dict = {}
-        for (label, wall, cpu), (system, faults) in zip(self.events, self.kernel):
+        for label, wall, cpu, system, faults in self.events:
             out[f"{label}_s"] = out.get(f"{label}_s", 0.0) + wall
             out[f"{label}_cpu_s"] = out.get(f"{label}_cpu_s", 0.0) + cpu
             out.setdefault(f"{label}_each_s", []).append(wall)

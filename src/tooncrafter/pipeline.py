@@ -193,12 +193,12 @@ class ToonCrafterPipeline:
         if device.type == "cpu":
             # packed weights for the network of every step (not under torch.compile); the VAE's decoder convs
             # re-packed for each decode shape were slower (benchmarks/README.md)
-            specialise_for_cpu(components.unet, pack_weights=not compile, in_place_linears=not compile)
+            specialise_for_cpu(components.unet, weights="as_is" if compile else "packed")
             if not compile:
                 _pack_for_guided_steps(components.unet, config)
             # read once or twice a request, and their pages given back after it: linears on oneDNN in place
             for module in (components.vae, components.resampler, components.text_encoder, components.image_encoder):
-                specialise_for_cpu(module, pack_weights=False)
+                specialise_for_cpu(module, weights="in_place")
         if compile:
             components.unet.compile(dynamic=False)
         give_back_free_memory()  # what conversion and packing left free on the CPU heap (cpu_allocator.py)

@@ -58,15 +58,17 @@ def test_a_memory_mapped_weight_is_read_in_place_on_tiny_maps_and_a_heap_one_is_
 
 
 def test_attention_is_the_cpu_form_with_or_without_packing():
-    for pack, in_place in ((True, True), (False, True), (False, False)):
+    kinds = {"packed": PrepackedLinear, "in_place": InPlaceLinear, "as_is": nn.Linear}
+    for weights, kind in kinds.items():
         block = SpatialTransformer(32, heads=2, head_dim=16, context_dim=8)
-        specialise_for_cpu(block, pack_weights=pack, in_place_linears=in_place)
+        specialise_for_cpu(block, weights=weights)
         layers = [m for m in block.modules() if hasattr(m, "attention_fn")]
         assert layers and all(m.attention_fn is cpu_attention for m in layers)
         # packed, else on oneDNN in place, else left as they are (for torch.compile)
-        assert any(isinstance(m, PrepackedLinear) for m in block.modules()) == pack
-        assert any(isinstance(m, InPlaceLinear) for m in block.modules()) == (in_place and not pack)
-        assert any(isinstance(m, nn.Linear) for m in block.modules()) == (not pack and not in_place)
+        linears = [type(m) for m in block.modules() if type(m) in kinds.values()]
+        assert linears and set(linears) == {kind}, weights
+    with pytest.raises(ValueError, match="weights"):
+        specialise_for_cpu(block, weights="packd")
 
 
 @pytest.mark.skipif(not linear_prepack_available(torch.float32), reason="oneDNN fp32 products not available")
@@ -77,7 +79,7 @@ def test_in_place_linears_keep_their_weight_and_match_nn_linear():
     x = torch.randn(3, 5, 24)
     want = block[:3](x)
     keys = set(block.state_dict())
-    specialise_for_cpu(block, pack_weights=False)
+    specialise_for_cpu(block, weights="in_place")
     assert [type(m) for m in block] == [InPlaceLinear, nn.GELU, InPlaceLinear, nn.Linear]  # bf16 stays nn.Linear
     assert block[0].weight is weights[0] and block[2].weight is weights[1]  # no copy: mapped pages stay releasable
     assert set(block.state_dict()) == keys

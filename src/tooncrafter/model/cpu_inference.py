@@ -14,26 +14,36 @@ from tooncrafter.model.mapped_pages import MappedPages
 from tooncrafter.model.onednn import linear_prepack_available
 
 
-def specialise_for_cpu(network: nn.Module, *, pack_weights: bool = True, in_place_linears: bool = True) -> None:
-    """Give a loaded CPU network the attention that is faster there (`cpu_attention`) and, with `pack_weights`,
-    oneDNN-packed convolutions and linears (`cpu_prepack.py`), tiny maps' convolutions as one GEMM (`gemm_conv.py`).
+# How `specialise_for_cpu` treats a network's weights: packed copies for the network of every step, oneDNN on the
+# weights where they lie for networks a request reads once or twice, or untouched (the UNet under torch.compile)
+WEIGHT_HANDLING = ("packed", "in_place", "as_is")
 
-    A convolution whose weight is memory-mapped from the checkpoint (fp32, or a pre-converted bf16 file) reads it
-    in place on tiny maps (`GemmConv`): those pages stay file pages that a request gives back before its decodes
-    (a packed copy would stay on the heap: ~2.8 GB of the mid fp32 UNet). One on the heap (a converted copy)
-    packs its GEMM matrix in `PrepackedConv` at no memory cost. With `in_place_linears`, the fp32 linears not packed
-    run on oneDNN reading their own weight (`InPlaceLinear`: no copy, so for networks whose pages a request gives
-    back). Inference only: packed layers cannot be trained or moved to another device.
+
+def specialise_for_cpu(network: nn.Module, *, weights: str = "packed") -> None:
+    """Give a loaded CPU network the attention that is faster there (`cpu_attention`) and, by `weights`:
+
+    - "packed": oneDNN-packed convolutions and linears (`cpu_prepack.py`), tiny maps' convolutions as one GEMM
+      (`gemm_conv.py`). A convolution whose weight is memory-mapped from the checkpoint (fp32, or a pre-converted
+      bf16 file) reads it in place on tiny maps (`GemmConv`): those pages stay file pages that a request gives back
+      before its decodes (a packed copy would stay on the heap: ~2.8 GB of the mid fp32 UNet). One on the heap (a
+      converted copy) packs its GEMM matrix in `PrepackedConv` at no memory cost.
+    - "in_place": only the fp32 linears and self-attentions on oneDNN reading their own weights (`InPlaceLinear`,
+      `InPlaceSelfAttention`: no copy, so the pages a request gives back stay releasable).
+    - "as_is": the layers untouched (for torch.compile).
+
+    Inference only: packed layers cannot be trained or moved to another device.
     """
-    if pack_weights:
+    if weights not in WEIGHT_HANDLING:
+        raise ValueError(f"specialise_for_cpu: weights must be one of {WEIGHT_HANDLING}, got {weights!r}")
+    if weights == "packed":
         mapped = MappedPages()  # one read of the process's mappings for every layer
         use_gemm_convolutions(
             network, only=lambda conv: mapped.holds(conv.weight) or not linear_prepack_available(conv.weight.dtype)
         )
         prepack_convolutions(network)  # every other convolution oneDNN runs: packed, tiny maps as one GEMM
         prepack_linears(network)  # packed now, GEGLUs fused
-    if in_place_linears:
-        linears_in_place(network)  # the fp32 linears left (not packed): oneDNN on the weight where it lies
+    if weights != "as_is":
+        linears_in_place(network)  # what packing left (attention modules; all fp32 linears when not packing)
     set_attention_function(network, cpu_attention)  # batched products where they beat SDPA (attention.py)
 
 

@@ -29,13 +29,14 @@ projection held.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tooncrafter.model.gemm_conv import GEMM_MAX_PIXELS, ConvGeometry, supports, weight_from_taps_outer, weight_taps_outer
+from tooncrafter.model.gemm_conv import GEMM_MAX_PIXELS, ConvGeometry, matmul, supports, weight_from_taps_outer, weight_taps_outer
 from tooncrafter.model.mapped_pages import MappedPages
 from tooncrafter.model.onednn import linear_prepack_available, prepack_available
 from tooncrafter.model.transformer import GEGLU
@@ -116,14 +117,13 @@ class PrepackedConv(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, {self.dims}d, packed_for={self._packed_for}{form}"
 
 
-def _replace_children(root: nn.Module, wanted: Callable[[nn.Module], bool], make: Callable[[nn.Module, MappedPages], nn.Module]) -> int:
-    """Put `make(child, mapped_pages)` in place of every child under `root` that is `wanted`; returns how many."""
+def _replace_children(root: nn.Module, wanted: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> int:
+    """Put `make(child)` in place of every child under `root` that is `wanted`; returns how many."""
     replaced = 0
-    mapped_pages = MappedPages()  # one read of the process's mappings for all the layers
     for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
             if wanted(child):
-                setattr(parent, name, make(child, mapped_pages))
+                setattr(parent, name, make(child))
                 replaced += 1
     return replaced
 
@@ -135,7 +135,7 @@ def prepack_convolutions(root: nn.Module) -> int:
         root,
         lambda child: type(child) in (nn.Conv2d, nn.Conv3d) and child.weight.device.type == "cpu"
         and child.padding_mode == "zeros" and prepack_available(child.weight.dtype),
-        PrepackedConv,
+        functools.partial(PrepackedConv, mapped_pages=MappedPages()),  # one read of the mappings for all layers
     )
 
 
@@ -166,7 +166,7 @@ class PrepackedLinear(nn.Module):
         return self._packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._packed, self.bias, "none", [], "")
+        return matmul(x.contiguous(), self._packed, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
@@ -209,7 +209,7 @@ class InPlaceLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
+        return matmul(x.contiguous(), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN in place"
@@ -236,7 +236,7 @@ class InPlaceSelfAttention(nn.Module):
             raise ValueError("InPlaceSelfAttention: self-attention without attention weights only")
         length, batch, width = query.shape
         heads = self.num_heads
-        qkv = torch.ops.mkldnn._linear_pointwise(query.contiguous(), self.in_proj_weight, self.in_proj_bias, "none", [], "")
+        qkv = matmul(query.contiguous(), self.in_proj_weight, self.in_proj_bias)
         # [L, B, 3 D] -> 3 x [B, heads, L, d]
         q, k, v = qkv.view(length, batch, 3, heads, width // heads).permute(2, 1, 3, 0, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, heads, L, d]
@@ -257,25 +257,27 @@ def linears_in_place(root: nn.Module) -> int:
     """Replace every CPU fp32 `nn.Linear` under `root` by an `InPlaceLinear`, and every sequence-first fp32
     `nn.MultiheadAttention` by an `InPlaceSelfAttention`, where oneDNN runs fp32 products here; returns how many
     modules were replaced. Other `nn.Linear` subclasses stay."""
-    attentions = _replace_children(root, _in_place_self_attention, lambda child, _mapped: InPlaceSelfAttention(child))
-    return attentions + _replace_children(
-        root,
-        lambda child: type(child) is nn.Linear and child.weight.device.type == "cpu"
-        and child.weight.dtype == torch.float32 and linear_prepack_available(torch.float32),
-        lambda child, _mapped: InPlaceLinear(child),
-    )
+    attentions = _replace_children(root, _in_place_self_attention, InPlaceSelfAttention)
+    return attentions + _replace_children(root, _fp32_linear, InPlaceLinear)
 
 
 def _packable_linear(child: nn.Module) -> bool:
     return type(child) is nn.Linear and child.weight.device.type == "cpu" and linear_prepack_available(child.weight.dtype)
 
 
+def _fp32_linear(child: nn.Module) -> bool:
+    return _packable_linear(child) and child.weight.dtype == torch.float32
+
+
 def prepack_linears(root: nn.Module) -> int:
     """Replace every CPU `GEGLU` (by a `PrepackedGEGLU`) and then every CPU `nn.Linear` (by a `PrepackedLinear`)
     under `root` whose dtype is packed here (`linear_prepack_available`), packing the weights now; returns how
     many modules were replaced."""
-    geglus = _replace_children(root, lambda child: type(child) is GEGLU and _packable_linear(child.proj), PrepackedGEGLU)
-    return geglus + _replace_children(root, _packable_linear, PrepackedLinear)
+    mapped = MappedPages()  # one read of the process's mappings for all the layers
+    geglus = _replace_children(
+        root, lambda child: type(child) is GEGLU and _packable_linear(child.proj), lambda child: PrepackedGEGLU(child, mapped)
+    )
+    return geglus + _replace_children(root, _packable_linear, lambda child: PrepackedLinear(child, mapped))
 
 
 def reference_convolution(module: PrepackedConv, x: torch.Tensor) -> torch.Tensor:
