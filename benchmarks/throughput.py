@@ -81,4 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from tooncrafter.glibc_tunables import restart_with_allocator_tunables
+
+    restart_with_allocator_tunables()  # as the `tooncrafter` command starts
     raise SystemExit(main())

@@ -192,4 +192,8 @@ def main(spec_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
+    # as the `tooncrafter` command starts (the official worker gets no such help)
+    from tooncrafter.glibc_tunables import restart_with_allocator_tunables
+
+    restart_with_allocator_tunables()
     main(sys.argv[1], sys.argv[2])

@@ -383,5 +383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def run() -> int:
+    """The `tooncrafter` command (a process entry point: it may restart itself once, see glibc_tunables.py)."""
+    from tooncrafter.glibc_tunables import restart_with_allocator_tunables
+
+    restart_with_allocator_tunables()
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(run())

@@ -7,10 +7,11 @@ fault per 4 KB page and zeroing of the whole block: ~800k faults and 2-2.5 s of 
 for the duration of a request, the heap reuses freed blocks (decode system time 4.5 -> 0.5 s); when the last
 request ends, `malloc_trim` hands the free memory back so an idle process stays small.
 
-Limits: freed blocks are reused when the next request fits in them, not always (the heap fragments: in a
-plain loop of equal 128 MB tensors about every other one still grows the heap); and a thread that glibc has
-moved off the main arena (worker threads under contention) still gets its own mapping for blocks over its
-heap size (64 MB), because glibc falls back to mmap there whatever M_MMAP_MAX says.
+Limits: freed blocks are reused when the next request fits in them, not always (the heap fragments; with glibc's
+tcache on, a freed tensor's block is too short for the next tensor of its size: glibc_tunables.py, which our
+processes start with); and a thread that glibc has moved off the main arena (worker threads under contention)
+still gets its own mapping for blocks over its heap size (64 MB), because glibc falls back to mmap there
+whatever M_MMAP_MAX says.
 
 A no-op where there is no glibc (other C libraries, other systems). Process-wide, so nested and concurrent
 requests share one count and the settings are restored only when the last one leaves.
