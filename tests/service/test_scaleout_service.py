@@ -332,30 +332,31 @@ def test_concurrent_submissions_over_three_api_processes(tmp_path, pg_url, s3_en
     with cluster(tmp_path, pg_url, s3_endpoint) as running:
         apis = running.start_apis(3)  # three processes migrate one fresh database at once
         body = {"keyframe_image_urls": [png_data_uri(), png_data_uri()], "steps": 1}
-        with httpx.Client(timeout=60) as client:
+        # a connection of its own per call: with one pooled client shared by 24 threads, a full test run once failed
+        # here with httpx.ReadError EBADF, a descriptor closed inside this (client) process, not a server answer
 
-            def submit(i: int) -> dict:
-                response = client.post(f"{apis[i % 3]}{Q}", json=body)
-                assert response.status_code == 200, response.text
-                return response.json()
+        def submit(i: int) -> dict:
+            response = httpx.post(f"{apis[i % 3]}{Q}", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            return response.json()
 
-            with ThreadPoolExecutor(max_workers=24) as pool:
-                submitted = list(pool.map(submit, range(200)))
-            ids = [s["request_id"] for s in submitted]
-            assert len(set(ids)) == 200
-            assert all(0 <= s["queue_position"] < 200 for s in submitted)
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            submitted = list(pool.map(submit, range(200)))
+        ids = [s["request_id"] for s in submitted]
+        assert len(set(ids)) == 200
+        assert all(0 <= s["queue_position"] < 200 for s in submitted)
 
-            store = JobStore(running.database_url)
-            try:
-                order = sorted(ids, key=lambda rid: store.get(rid).seq)  # the database's queue order
-            finally:
-                store.close()
+        store = JobStore(running.database_url)
+        try:
+            order = sorted(ids, key=lambda rid: store.get(rid).seq)  # the database's queue order
+        finally:
+            store.close()
 
-            def positions(rid: str) -> list[int]:
-                return [client.get(f"{api}{Q}/requests/{rid}/status").json()["queue_position"] for api in apis]
+        def positions(rid: str) -> list[int]:
+            return [httpx.get(f"{api}{Q}/requests/{rid}/status", timeout=60).json()["queue_position"] for api in apis]
 
-            with ThreadPoolExecutor(max_workers=12) as pool:
-                answers = dict(zip(order, pool.map(positions, order)))
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            answers = dict(zip(order, pool.map(positions, order)))
         assert [answers[rid] for rid in order] == [[n, n, n] for n in range(200)]
 
 
