@@ -7,7 +7,7 @@
 #                  7.5, FLOPs counted; fp16 with --offload; the fp16 NaN sweep over 1..100 steps
 #   device call 2: bash benchmarks/gpu_suite.sh compile "$OUT"  (carry .whl) the same request under torch.compile
 #
-# SIZE, DEVICE, STEPS, DTYPES, SWEEP and PYTHON override the defaults (the tests run the eager part at
+# SIZE, DEVICE, STEPS, DTYPES, SWEEP (the sweep's step counts) and PYTHON override the defaults (the tests run the eager part at
 # SIZE=tiny DEVICE=cpu). The `full` checkpoint is made with random weights on the device machine on first use.
 set -euo pipefail
 
@@ -16,7 +16,6 @@ size=${SIZE:-full}
 device=${DEVICE:-cuda}
 steps=${STEPS:-50}
 dtypes=${DTYPES:-float16,bfloat16}
-sweep=${SWEEP:-1,2,3,5,10,20,25,50,75,100}
 python=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 
@@ -48,7 +47,7 @@ case $part in
             --no-baseline --out "$out/eager.json"
         "$python" -m benchmarks.run --size "$size" --device "$device" --dtype "${dtypes%%,*}" --steps "$steps" \
             --offload --no-baseline --no-flops --out "$out/offload.json"
-        "$python" -m benchmarks.nan_sweep --size "$size" --device "$device" --dtype float16 --steps "$sweep" \
+        "$python" -m benchmarks.nan_sweep --size "$size" --device "$device" --dtype float16 ${SWEEP:+--steps "$SWEEP"} \
             --out "$out/nan_sweep.json"
         ;;
     compile)

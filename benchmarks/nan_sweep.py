@@ -1,9 +1,10 @@
 """`python -m benchmarks.nan_sweep --size full --device cuda --dtype float16 --steps 1,2,5,10,25,50,100 [--out F]`
 
-Issue 14's half-precision check: one whole request (two synthetic keyframes, cfg 7.5) per step count, in one
-process, and whether its video is finite. fp16 overflows where bf16 does not (max 65504), most likely in the
-attention logits and the UNet's deepest activations at high noise, so the check runs the real pipeline, not a
-layer. Prints one line per step count and exits 1 when any video holds a NaN or an infinity.
+Issue 14's half-precision check: one whole request (two synthetic keyframes, the endpoint's cfg_scale, eta and
+motion_steps) per step count, in one process, and whether its video is finite. fp16 overflows where bf16 does
+not (max 65504), most likely in the attention logits and the UNet's deepest activations at high noise, so the
+check runs the real pipeline, not a layer. Prints one line per step count and exits 1 when any video holds a NaN
+or an infinity.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.sizes import SIZES, prepare
+from tooncrafter.schema import field_default
 
 
 def parse_steps(text: str) -> list[int]:
@@ -45,7 +47,8 @@ def sweep(checkpoint_dir: Path, *, device: str, dtype: str, steps: list[int], cf
     for count in steps:
         start = time.perf_counter()
         video = composed.interpolate_pixels(
-            pipe, pixels, prompt="a cartoon ball rolling", steps=count, cfg_scale=cfg_scale, eta=1.0, motion_steps=10,
+            pipe, pixels, prompt="a cartoon ball rolling", steps=count, cfg_scale=cfg_scale, eta=field_default("eta"),
+            motion_steps=field_default("motion_steps"),
             generator=torch.Generator("cpu").manual_seed(seed),
         )
         finite = bool(torch.isfinite(video).all())
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--steps", type=parse_steps, default=parse_steps("1,2,3,5,10,20,25,50,75,100"))
-    parser.add_argument("--cfg-scale", type=float, default=7.5)
+    parser.add_argument("--cfg-scale", type=float, default=field_default("cfg_scale"))
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args(argv)
