@@ -193,15 +193,18 @@ def test_a_cpu_sketch_encoder_runs_the_cpu_fast_paths_and_gives_the_plain_encode
         pixels, [(0, 1)], prompt="a cat", cfg_scale=7.5, motion_steps=10,
         posterior_noise=torch.randn(2, cfg.diffusion.channels, *cfg.latent_size),
     )
-    x = torch.randn(1, cfg.diffusion.channels, cfg.num_frames, *cfg.latent_size)
-    sketches = torch.rand(1, cfg.num_frames, 1, *pipeline.pixel_size).round()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.diffusion.channels, cfg.num_frames, *cfg.latent_size, generator=generator)
+    sketches = torch.rand(1, cfg.num_frames, 1, *pipeline.pixel_size, generator=generator).round()
     mask = torch.ones(1, cfg.num_frames, dtype=torch.bool)
     t = torch.tensor([400])
     got = encode_sketches(encoder, x, t, cond.context_cond, sketches, mask, 0.6)
     expected = encode_sketches(plain, x, t, cond.context_cond, sketches, mask, 0.6)
     assert len(got) == len(expected) > 0
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
+        # fp32 in another summation order: over 60 seeds on an Ice Lake Xeon the worst element sat
+        # 2.3e-4 x max|b| beyond rtol (near-zero outputs after cancellation); a wrong residual is off by O(max).
+        torch.testing.assert_close(a, b, atol=1e-3 * float(b.abs().max()), rtol=1e-4)
 
 
 def test_sketches_guide_the_clip_only_through_their_frames(pipeline, monkeypatch):
