@@ -49,7 +49,7 @@ from tooncrafter.model.config import ToonCrafterConfig, builtin_config, load_con
 from tooncrafter.model.cpu_inference import pack_for_input, specialise_for_cpu
 from tooncrafter.model.loader import ToonCrafterComponents, build_on_meta, load_components
 from tooncrafter.model.mapped_pages import release_module_pages
-from tooncrafter.model.onednn import prepack_available
+from tooncrafter.model.onednn import slow_cpu_dtype_reason
 from tooncrafter.model.page_cache import read_into_page_cache
 from tooncrafter.placement import Placement, resolve_device, resolve_dtype
 from tooncrafter.sampling import (
@@ -184,12 +184,9 @@ class ToonCrafterPipeline:
         components = load_components(config, state, device=load_device, dtype=dtype, clip_states=clip_states)
         if offload:
             components.unet.to(device)
-        if device.type == "cpu" and dtype != torch.float32 and not prepack_available(dtype):
-            # measured on an AVX2-only AMD EPYC: one mid UNet call 16 s in fp32, not done after 400 s in bf16
-            logger.warning(
-                "this CPU has no oneDNN %s kernels (they need AVX-512 or AMX): PyTorch's reference kernels are "
-                "many times slower than float32 here; float32 (the CPU default) is the fast choice", dtype
-            )
+        slow_reason = slow_cpu_dtype_reason(dtype) if device.type == "cpu" else None
+        if slow_reason is not None:
+            logger.warning("%s many times slower than float32 here; float32 (the CPU default) is the fast choice", slow_reason)
         if device.type == "cpu":
             # packed weights for the network of every step (not under torch.compile); the VAE's decoder convs
             # re-packed for each decode shape were slower (benchmarks/README.md)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 
@@ -31,3 +32,31 @@ def linear_prepack_available(dtype: torch.dtype = torch.float32) -> bool:
     takes its generic path -- and bf16 reorders its weight inside every call: on Zen 5 packing took a bf16
     `[8192, 320] x 2560` from 19.9 to 14.7 ms and the other UNet shapes 5-13 % (benchmarks/README.md)."""
     return dtype in (torch.float32, torch.bfloat16) and prepack_available(dtype) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def native_bfloat16() -> bool:
+    """Whether this CPU computes in bf16 itself (AVX512-BF16 or AMX on x86), not only converts to and from it.
+
+    oneDNN also runs bf16 on a plain AVX-512 CPU (Intel Ice Lake, for one) by converting to fp32 in its kernels:
+    there one `mid` request (3 steps) took 201 s in bf16 against 67 s in fp32 (benchmarks/README.md). Other
+    architectures: oneDNN's own answer, which there already means hardware bf16.
+    """
+    if not prepack_available(torch.bfloat16):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def slow_cpu_dtype_reason(dtype: torch.dtype) -> str | None:
+    """Why `dtype` would run many times slower than float32 on this CPU, or None when it would not."""
+    if dtype == torch.float32:
+        return None
+    if not prepack_available(dtype):
+        # measured on an AVX2-only AMD EPYC: one mid UNet call 16 s in fp32, not done after 400 s in bf16
+        return f"this CPU has no oneDNN {dtype} kernels (they need AVX-512 or AMX): PyTorch's reference kernels are"
+    if dtype == torch.bfloat16 and not native_bfloat16():
+        return "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): oneDNN converts every bf16 operand to fp32 and"
+    return None
